@@ -1,0 +1,166 @@
+"""The run config: YAML -> frozen pydantic models; strategy, fitness and space chosen by `name:`.
+
+Errors come out as one line naming the field path, e.g.
+``config strategy.alpha: Input should be greater than or equal to 0 (got -1)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from fitness import FITNESSES
+from populations import STRATEGIES
+
+from .errors import UserError
+from .schema import Frozen
+from .space import SPACES
+
+
+def _union(registry: dict) -> Any:
+    configs = tuple(cfg for cfg, _ in registry.values())
+    member = configs[0] if len(configs) == 1 else Union[configs]  # noqa: UP007
+    return Annotated[member, Field(discriminator="name")]
+
+
+SpaceConfig = _union(SPACES)
+StrategyConfig = _union(STRATEGIES)
+FitnessConfig = _union(FITNESSES)
+
+
+class EngineConfig(Frozen):
+    address: str = Field("local", description="'local' starts a private Ray instance; 'auto' or "
+                                              "'ray://host:port' joins an existing cluster")
+    workers: int = Field(2, ge=1, description="fitness worker actors")
+    batch_size: int = Field(16, ge=1, description="candidates per worker call")
+    queue_depth: int = Field(2, ge=1, description="batches in flight per worker (keeps it busy "
+                                                  "while the driver tells and asks)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved by each worker")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads in each worker; "
+                                                                   "default the reserved CPUs")
+
+
+class BudgetConfig(Frozen):
+    max_evals: int | None = Field(10_000, ge=1, description="stop after this many evaluations")
+    max_seconds: float | None = Field(None, gt=0, description="stop dispatching after this many seconds of search")
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.max_evals is None and self.max_seconds is None:
+            raise ValueError("set max_evals or max_seconds (a search needs a budget)")
+        return self
+
+
+class RunConfig(Frozen):
+    seed: int = Field(0, description="seed of the strategy and of random initialisations")
+    space: SpaceConfig
+    strategy: StrategyConfig
+    fitness: FitnessConfig
+    engine: EngineConfig = EngineConfig()
+    budget: BudgetConfig = BudgetConfig()
+    progress_every_s: float = Field(5.0, gt=0, description="seconds between progress lines when not on a terminal")
+
+    @model_validator(mode="after")
+    def _fitness_fits_space(self):
+        fit_cls = FITNESSES[self.fitness.name][1]
+        if self.space.name not in fit_cls.spaces:
+            raise ValueError(f"fitness '{self.fitness.name}' scores spaces {list(fit_cls.spaces)}, "
+                             f"not space '{self.space.name}'")
+        return self
+
+
+# loading -------------------------------------------------------------------------------------
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`strategy.alpha=0.5` -> (['strategy', 'alpha'], 0.5); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item}: expected KEY=VALUE, e.g. strategy.alpha=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_sets(data: dict, sets: list[str]) -> dict:
+    for item in sets:
+        path, value = parse_set(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such config file") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{p}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _field_path(loc: tuple, data: Any) -> str:
+    """Join pydantic's error location, dropping the union tags it inserts (strategy.m2n2.alpha)."""
+    parts, node = [], data
+    for item in loc:
+        if isinstance(node, dict) and item not in node and node.get("name") == item:
+            continue  # a discriminated-union tag
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else (
+            node[item] if isinstance(node, list) and isinstance(item, int) and item < len(node) else None)
+    return ".".join(parts)
+
+
+def format_validation_error(err: ValidationError, data: dict) -> str:
+    e = err.errors(include_url=False)[0]
+    path = _field_path(tuple(e["loc"]), data)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "union_tag_invalid":
+        choices = e.get("ctx", {}).get("expected_tags", "")
+        msg = f"unknown name {e.get('ctx', {}).get('tag')!r}; choose one of {choices}"
+    elif e["type"] == "union_tag_not_found":
+        msg = "missing 'name' (which one to use)"
+    elif e["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
+        msg += f" (got {e['input']!r})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config {path}: {msg}{more}" if path else f"config: {msg}{more}"
+
+
+def validate(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, data)) from None
+
+
+def load_config(path: str | Path, sets: list[str] | None = None) -> RunConfig:
+    return validate(apply_sets(read_yaml(path), sets or []))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,14 @@
+"""Evaluators. Add one: a module plus a line in FITNESSES."""
+from .base import BatchEvaluation, Fitness
+from .digits import DigitsFitness, DigitsFitnessConfig
+
+FITNESSES = {
+    "digits": (DigitsFitnessConfig, DigitsFitness),
+}
+
+
+def build_fitness(cfg) -> Fitness:
+    return FITNESSES[cfg.name][1](cfg)
+
+
+__all__ = ["BatchEvaluation", "Fitness", "FITNESSES", "build_fitness"]

@@ -1,0 +1,37 @@
+"""The interface of evaluators: per-example scores plus named metrics, a batch at a time."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BatchEvaluation:
+    """Scores of a batch of B candidates.
+
+    fitness: (B,) the scalar the search maximises; scores: (B, n_examples) per-example
+    scores (what M2N2's competition and per-task reports use); metrics: name -> (B,) values.
+    """
+
+    fitness: np.ndarray
+    scores: np.ndarray | None
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Fitness(ABC):
+    """Built once inside each worker (it holds the data and a resident model).
+
+    `spaces` names the search spaces whose points this fitness knows how to score.
+    """
+
+    spaces: tuple[str, ...] = ()
+
+    @abstractmethod
+    def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
+        """Score a batch of points (B, dim) on the search split."""
+
+    @abstractmethod
+    def holdout(self, x: np.ndarray) -> dict[str, float]:
+        """Metrics of one point on held-out data (reported for the best, never searched on)."""

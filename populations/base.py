@@ -1,0 +1,83 @@
+"""The ask/tell interface every search strategy implements."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Candidate:
+    """One point to evaluate. `step` is the strategy's own counter (child number, generation)."""
+
+    x: np.ndarray
+    step: int
+    tag: Any = None  # strategy-private bookkeeping, returned untouched in the Result
+
+
+@dataclass
+class Result:
+    """What the engine tells a strategy about one evaluated candidate (fitness: higher is better)."""
+
+    candidate: Candidate
+    fitness: float
+    scores: np.ndarray | None = None  # per-example scores, e.g. 1/0 correctness per training example
+    metrics: dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """All a strategy knows of the search space."""
+
+    dim: int
+    seeds: tuple[np.ndarray, ...]
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    random_seeds: bool = False  # seeds are random initialisations, not trained models
+
+
+class Strategy(ABC):
+    """ask(n) -> candidates, tell(results), state_dict()/load_state_dict(), done.
+
+    `ask` may return fewer than n candidates, or none, when it needs results first
+    (a generational strategy between generations, or seeds not yet scored).
+    A steady-state strategy accepts each result as soon as it arrives; a generational
+    one (`generational = True`) needs a whole generation before it can ask again.
+    """
+
+    generational: ClassVar[bool] = False
+
+    @classmethod
+    def preflight(cls, cfg, dim: int) -> None:
+        """Refuse a config that cannot work in `dim` dimensions, before anything heavy starts."""
+
+    @abstractmethod
+    def ask(self, n: int) -> list[Candidate]: ...
+
+    @abstractmethod
+    def tell(self, results: Sequence[Result]) -> None: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def done(self) -> bool:
+        return False
+
+    def summary(self) -> dict:
+        """Strategy-specific facts for summary.json."""
+        return {}
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state

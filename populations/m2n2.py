@@ -1,0 +1,227 @@
+"""M2N2: model merging with natural niches (Competition and Attraction Improve Model Fusion).
+
+The archive keeps `archive_size` members and a [members x examples] score matrix s.
+Competition: z_j = sum_k s_kj (0 -> 1), fitness f_i = sum_j s_ij / z_j^alpha; a child is
+added as an extra row and the row with the lowest f (the child itself if it is the worst)
+is dropped, empty slots scoring 0. Attraction: parent A ~ f / sum f, parent B ~
+g(A, B) = sum_j max(0, F_Bj - F_Aj) with F = s / z^alpha. Crossover: SLERP with one angle
+over the whole vector, t = w before a random split point and 1 - w after it.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from evomerge.schema import Frozen
+
+from .base import Candidate, Result, SpaceInfo, Strategy, rng_state, set_rng_state
+
+
+class M2N2Config(Frozen):
+    name: Literal["m2n2"]
+    archive_size: int = Field(20, ge=2, description="members kept in the archive")
+    alpha: float = Field(1.0, ge=0, description="resource-sharing exponent; 0 is the plain GA")
+    matchmaker: bool = Field(True, description="draw parent B by attraction; false: both by fitness")
+    crossover: bool = Field(True, description="false: a child is a copy of parent A (then mutated)")
+    splitpoint: bool = Field(True, description="t = w before a random split and 1 - w after; false: one t = w")
+    mutation_std: float | Literal["auto"] = Field(
+        "auto", description="std of the Gaussian mutation; auto: 0.01 from random seeds, 0 from trained ones")
+
+
+def competition(scores: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(F, f): shared per-example fitness s / z^alpha and its row sums."""
+    z = scores.sum(axis=0)
+    z = np.where(z > 0, z, 1.0) ** alpha
+    shared = scores / z
+    return shared, shared.sum(axis=1)
+
+
+def attraction(shared: np.ndarray, a: int) -> np.ndarray:
+    """g(a, b) for every b: how much b scores where a is weak, sum_j max(0, F_bj - F_aj)."""
+    return np.maximum(0.0, shared - shared[a]).sum(axis=1)
+
+
+def worst_after_insert(scores: np.ndarray, child: np.ndarray, alpha: float) -> int:
+    """Index of the row dropped when `child` joins `scores` (len(scores) means the child itself)."""
+    _, fit = competition(np.vstack([scores, child[None]]), alpha)
+    return int(np.argmin(fit))
+
+
+def cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """Cosine of the angle between two whole parameter vectors (1 when either is zero)."""
+    denom = float(np.sqrt(np.dot(x, x) * np.dot(y, y)))
+    return float(np.dot(x, y)) / denom if denom > 0 else 1.0
+
+
+def attraction_matrix(scores: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """g[a, b] = attraction(shared, a)[b] for all pairs at once.
+
+    With 0/1 scores, F_bj > F_aj only where a fails (s_aj = 0), and then the term is F_bj;
+    so g = (1 - S) F^T, one small matrix product. Other scores take the direct sum.
+    """
+    if np.all((scores == 0) | (scores == 1)):
+        return (1.0 - scores) @ shared.T
+    return np.stack([attraction(shared, a) for a in range(len(scores))])
+
+
+def slerp_coefficients(t: float, cos_omega: float) -> tuple[float, float]:
+    """Coefficients (c_x, c_y) of SLERP(t, x, y) = c_x x + c_y y; linear when sin(omega) <= 1e-6."""
+    omega = float(np.arccos(np.clip(cos_omega, -1.0, 1.0)))
+    s = np.sin(omega)
+    if s <= 1e-6:
+        return 1.0 - t, t
+    return float(np.sin((1.0 - t) * omega) / s), float(np.sin(t * omega) / s)
+
+
+def crossover(x: np.ndarray, y: np.ndarray, w: float, split: int, cos_omega: float) -> np.ndarray:
+    """Split-point SLERP: t = w for coordinates < split, 1 - w from split on (one angle for all)."""
+    out = np.empty_like(x)
+    ax, ay = slerp_coefficients(w, cos_omega)
+    bx, by = slerp_coefficients(1.0 - w, cos_omega)
+    np.multiply(x[:split], np.float32(ax), out=out[:split])
+    out[:split] += np.float32(ay) * y[:split]
+    np.multiply(x[split:], np.float32(bx), out=out[split:])
+    out[split:] += np.float32(by) * y[split:]
+    return out
+
+
+class M2N2(Strategy):
+    generational = False
+
+    def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int):
+        self.cfg = cfg
+        self.dim = space.dim
+        self.seed_points = [np.asarray(s, np.float32) for s in space.seeds]
+        if len(self.seed_points) < 1:
+            raise ValueError("M2N2 needs at least one seed point")
+        std = cfg.mutation_std
+        self.mutation_std = (0.01 if space.random_seeds else 0.0) if std == "auto" else float(std)
+        self.rng = np.random.default_rng(seed)
+        p = cfg.archive_size
+        self.archive = np.zeros((p, self.dim), np.float32)
+        self.scores: np.ndarray | None = None  # (p, n_examples) float32 of 0/1, known after the first tell
+        self.z: np.ndarray | None = None  # column sums of scores
+        self.steps = 0  # candidates handed out
+        self.seeds_pending = len(self.seed_points)
+        self.seeds_asked = 0
+        self.inserted = 0
+
+    # ask ------------------------------------------------------------------------------
+    def ask(self, n: int) -> list[Candidate]:
+        if self.seeds_asked < len(self.seed_points):
+            k = min(n, len(self.seed_points) - self.seeds_asked)
+            out = [self._candidate(self.seed_points[self.seeds_asked + i].copy()) for i in range(k)]
+            self.seeds_asked += k
+            return out
+        if self.seeds_pending or self.scores is None:
+            return []  # the archive is filled from the seeds' scores first
+        pairs = self.draw_parents(n)
+        children = self.make_children(pairs)
+        return [self._candidate(child) for child in children]
+
+    def draw_parents(self, n: int) -> np.ndarray:
+        """(n, 2) archive indices: A by fitness, B by attraction to A (or by fitness)."""
+        shared, fit = competition(self.scores, self.cfg.alpha)
+        p = len(fit)
+        cdf = np.cumsum(fit if fit.sum() > 0 else np.ones(p))
+        u = self.rng.random((n, 2))
+        a = np.minimum(np.searchsorted(cdf, u[:, 0] * cdf[-1], side="right"), p - 1)
+        if not self.cfg.matchmaker:
+            b = np.minimum(np.searchsorted(cdf, u[:, 1] * cdf[-1], side="right"), p - 1)
+            return np.stack([a, b], axis=1)
+        g = attraction_matrix(self.scores, shared)
+        b = np.empty(n, np.int64)
+        for i in range(n):
+            row = np.cumsum(g[a[i]])
+            if row[-1] <= 0:
+                row = cdf  # nobody complements A: fall back to fitness-proportional
+            b[i] = min(np.searchsorted(row, u[i, 1] * row[-1], side="right"), p - 1)
+        return np.stack([a, b], axis=1)
+
+    def make_children(self, pairs: np.ndarray) -> np.ndarray:
+        """Crossover (split-point SLERP) of each pair, plus Gaussian mutation when enabled."""
+        n, d = len(pairs), self.dim
+        split = self.rng.integers(0, d, n) if self.cfg.splitpoint else np.full(n, d)
+        w = self.rng.random(n)
+        if self.mutation_std > 0:
+            out = self.rng.standard_normal((n, d), dtype=np.float32)
+            out *= np.float32(self.mutation_std)
+        else:
+            out = np.zeros((n, d), np.float32)
+        for i, (a, b) in enumerate(pairs):
+            xa, xb = self.archive[a], self.archive[b]
+            if self.cfg.crossover:
+                out[i] += crossover(xa, xb, float(w[i]), int(split[i]), cosine(xa, xb))
+            else:
+                out[i] += xa
+        return out
+
+    def _candidate(self, x: np.ndarray) -> Candidate:
+        c = Candidate(x=x, step=self.steps)
+        self.steps += 1
+        return c
+
+    # tell ------------------------------------------------------------------------------
+    def tell(self, results: Sequence[Result]) -> None:
+        for r in results:
+            if r.candidate.step < len(self.seed_points):
+                self.seeds_pending -= 1
+            if r.failed or r.scores is None:
+                continue
+            s = np.asarray(r.scores, np.float32).reshape(-1)
+            if self.scores is None:
+                self.scores = np.zeros((self.cfg.archive_size, s.size), np.float32)
+                self.z = np.zeros(s.size, np.float32)
+            elif s.size != self.scores.shape[1]:
+                raise ValueError(f"per-example scores changed length: {s.size} != {self.scores.shape[1]}")
+            self.insert(r.candidate.x, s)
+
+    def insert(self, x: np.ndarray, s: np.ndarray) -> bool:
+        """Competition for a place in the archive; True when the child was kept.
+
+        Same as worst_after_insert, with the column sums z kept up to date instead of
+        recomputed: f = S @ z_ext^-alpha for the members and s @ z_ext^-alpha for the child.
+        """
+        z = self.z + s
+        inv = np.where(z > 0, z, 1.0) ** np.float32(-self.cfg.alpha)
+        fit = self.scores @ inv
+        worst = int(np.argmin(fit))
+        if float(s @ inv) < fit[worst]:
+            return False  # the child is the worst (ties drop the member: it comes first in argmin)
+        self.z = z - self.scores[worst]
+        self.scores[worst] = s
+        self.archive[worst] = x
+        self.inserted += 1
+        return True
+
+    # state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "archive": self.archive.copy(),
+            "scores": None if self.scores is None else self.scores.astype(bool),
+            "rng": rng_state(self.rng),
+            "steps": self.steps,
+            "seeds_pending": self.seeds_pending,
+            "seeds_asked": self.seeds_asked,
+            "inserted": self.inserted,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.archive = np.array(state["archive"], np.float32)
+        self.scores = None if state["scores"] is None else np.asarray(state["scores"], np.float32)
+        self.z = None if self.scores is None else self.scores.sum(axis=0)
+        set_rng_state(self.rng, state["rng"])
+        self.steps = state["steps"]
+        self.seeds_pending = state["seeds_pending"]
+        self.seeds_asked = state["seeds_asked"]
+        self.inserted = state["inserted"]
+
+    def summary(self) -> dict:
+        if self.scores is None:
+            return {}
+        acc = self.scores.mean(axis=1)
+        covered = self.scores.max(axis=0).mean()
+        return {"archive_best_train": float(acc.max()), "archive_mean_train": float(acc.mean()),
+                "archive_coverage": float(covered), "children_kept": self.inserted}
