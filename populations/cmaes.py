@@ -76,6 +76,9 @@ class CMAES(Strategy):
             x0 = (np.asarray(lower) + np.asarray(upper)) / 2
         else:
             x0 = np.zeros(dim)
+        if lower is not None and (np.any(x0 < lower) or np.any(x0 > upper)):
+            raise UserError(f"strategy.x0: the initial mean ({cfg.x0}) lies outside the bounds; "
+                            "choose x0: center or wider bounds")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pycma warns when matplotlib is missing; plots are unused
             import cma  # imported here: it pulls in scipy.stats, seconds of start-up for other strategies

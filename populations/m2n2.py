@@ -99,10 +99,13 @@ class M2N2(Strategy):
         std = cfg.mutation_std
         self.mutation_std = (0.01 if space.random_seeds else 0.0) if std == "auto" else float(std)
         self.rng = np.random.default_rng(seed)
+        import torch  # its normal sampler is twice as fast as numpy's here: noise is most of ask()
+
+        self.noise = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
         p = cfg.archive_size
         self.archive = np.zeros((p, self.dim), np.float32)
-        self.scores: np.ndarray | None = None  # (p, n_examples) float32 of 0/1, known after the first tell
-        self.z: np.ndarray | None = None  # column sums of scores
+        self.rows: np.ndarray | None = None  # members' per-example scores plus a row for the newcomer
+        self.z: np.ndarray | None = None  # column sums of the members' scores
         self.steps = 0  # candidates handed out
         self.seeds_pending = len(self.seed_points)
         self.seeds_asked = 0
@@ -146,7 +149,9 @@ class M2N2(Strategy):
         split = self.rng.integers(0, d, n) if self.cfg.splitpoint else np.full(n, d)
         w = self.rng.random(n)
         if self.mutation_std > 0:
-            out = self.rng.standard_normal((n, d), dtype=np.float32)
+            import torch
+
+            out = torch.randn((n, d), generator=self.noise).numpy()
             out *= np.float32(self.mutation_std)
         else:
             out = np.zeros((n, d), np.float32)
@@ -170,10 +175,10 @@ class M2N2(Strategy):
                 self.seeds_pending -= 1
             if r.failed or r.scores is None:
                 continue
-            s = np.asarray(r.scores, np.float32).reshape(-1)
-            if self.scores is None:
-                self.scores = np.zeros((self.cfg.archive_size, s.size), np.float32)
-                self.z = np.zeros(s.size, np.float32)
+            s = np.asarray(r.scores, np.float64).reshape(-1)
+            if self.rows is None:
+                self.rows = np.zeros((self.cfg.archive_size + 1, s.size))
+                self.z = np.zeros(s.size)
             elif s.size != self.scores.shape[1]:
                 raise ValueError(f"per-example scores changed length: {s.size} != {self.scores.shape[1]}")
             self.insert(r.candidate.x, s)
@@ -181,27 +186,34 @@ class M2N2(Strategy):
     def insert(self, x: np.ndarray, s: np.ndarray) -> bool:
         """Competition for a place in the archive; True when the child was kept.
 
-        Same as worst_after_insert, with the column sums z kept up to date instead of
-        recomputed: f = S @ z_ext^-alpha for the members and s @ z_ext^-alpha for the child.
+        As worst_after_insert, with the column sums z kept up to date instead of recomputed:
+        the child joins as the last row of `rows` and one product gives every f.
         """
+        rows = self.rows
+        rows[-1] = s
         z = self.z + s
-        inv = np.where(z > 0, z, 1.0) ** np.float32(-self.cfg.alpha)
-        fit = self.scores @ inv
-        worst = int(np.argmin(fit))
-        if float(s @ inv) < fit[worst]:
-            return False  # the child is the worst (ties drop the member: it comes first in argmin)
-        self.z = z - self.scores[worst]
-        self.scores[worst] = s
+        fit = rows @ (np.where(z > 0, z, 1.0) ** -self.cfg.alpha)
+        worst = int(np.argmin(fit))  # ties drop the member: members come first
+        if worst == len(rows) - 1:
+            return False
+        self.z = z - rows[worst]
+        rows[worst] = s
         self.archive[worst] = x
         self.inserted += 1
         return True
+
+    @property
+    def scores(self) -> np.ndarray | None:
+        """(archive_size, n_examples) per-example scores of the members (0 for empty slots)."""
+        return None if self.rows is None else self.rows[:-1]
 
     # state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "archive": self.archive.copy(),
-            "scores": None if self.scores is None else self.scores.astype(bool),
+            "scores": None if self.rows is None else self.scores.copy(),
             "rng": rng_state(self.rng),
+            "noise_rng": self.noise.get_state().numpy().copy(),
             "steps": self.steps,
             "seeds_pending": self.seeds_pending,
             "seeds_asked": self.seeds_asked,
@@ -210,9 +222,16 @@ class M2N2(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         self.archive = np.array(state["archive"], np.float32)
-        self.scores = None if state["scores"] is None else np.asarray(state["scores"], np.float32)
-        self.z = None if self.scores is None else self.scores.sum(axis=0)
+        if state["scores"] is None:
+            self.rows = self.z = None
+        else:
+            members = np.asarray(state["scores"], np.float64)
+            self.rows = np.vstack([members, np.zeros((1, members.shape[1]))])
+            self.z = members.sum(axis=0)
         set_rng_state(self.rng, state["rng"])
+        import torch
+
+        self.noise.set_state(torch.from_numpy(np.array(state["noise_rng"], np.uint8)))
         self.steps = state["steps"]
         self.seeds_pending = state["seeds_pending"]
         self.seeds_asked = state["seeds_asked"]
