@@ -107,6 +107,7 @@ class Engine:
         best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
         stop_reason = None
         start = time.perf_counter()
+        cpu_start = time.process_time()
 
         while True:
             elapsed = time.perf_counter() - start
@@ -155,6 +156,7 @@ class Engine:
             progress.update(done, best["fitness"], done / max(wall, 1e-9))
 
         search_seconds = time.perf_counter() - start
+        driver_cpu = time.process_time() - cpu_start
         progress.close(done, best["fitness"], done / max(search_seconds, 1e-9))
         rundir.flush()
 
@@ -167,6 +169,7 @@ class Engine:
             "workers": len(self.workers),
             "batch_size": e.batch_size,
             "worker_utilization": round(busy_seconds / max(len(self.workers) * search_seconds, 1e-9), 4),
+            "driver_cpu_ms_per_eval": round(1e3 * driver_cpu / max(done, 1), 4),
             "engine_overhead_ms_per_eval": round(
                 1e3 * max(0.0, search_seconds - busy_seconds / len(self.workers)) / max(done, 1), 4),
         }
