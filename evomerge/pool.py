@@ -1,0 +1,126 @@
+"""Model pool: a base and experts read as memory-mapped safetensors, checked against each other,
+and their tensors grouped by transformer block.
+
+A model is a local directory (or a hub id resolved to one by the caller) holding
+`model.safetensors`, or shards listed in `model.safetensors.index.json`. Tensors are opened
+memory-mapped (`safetensors.safe_open`), so experts cost page cache, not process memory,
+and workers on one node share them.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import UserError
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_EMBED = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
+_HEAD = ("lm_head", "score", "classifier", "output.weight")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to (`model.layers.3.mlp...` -> 3), or None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def group_of(name: str, layers_per_group: int = 1, filters: Iterable[str] = ()) -> str:
+    """Group label: `layers.0-1[/attn]` for blocks (k per group), else embed, head or norm.
+
+    `filters` (substrings such as "attn", "mlp") split a block group further: a tensor goes
+    to the first filter its name contains, or to the group itself.
+    """
+    idx = layer_index(name)
+    if idx is None:
+        if any(e in name for e in _EMBED):
+            return "embed"
+        if any(name.startswith(h) or f".{h}" in name for h in _HEAD):
+            return "head"
+        return "norm"
+    start = idx - idx % layers_per_group
+    label = f"layers.{start}" if layers_per_group == 1 else f"layers.{start}-{start + layers_per_group - 1}"
+    for f in filters:
+        if f in name:
+            return f"{label}/{f}"
+    return label
+
+
+@dataclass
+class Checkpoint:
+    """Lazy, memory-mapped access to one model's tensors."""
+
+    path: Path
+    files: dict[str, Path]  # tensor name -> safetensors file
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        p = Path(path)
+        index = p / "model.safetensors.index.json"
+        single = p / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{index}: not a safetensors index ({e})") from None
+            files = {name: p / f for name, f in weight_map.items()}
+        elif single.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(single), "pt") as f:
+                files = {name: single for name in f.keys()}
+        else:
+            raise UserError(f"{p}: no model.safetensors or model.safetensors.index.json")
+        missing = sorted({str(f) for f in files.values() if not f.exists()})
+        if missing:
+            raise UserError(f"{p}: shard {missing[0]} listed in the index does not exist")
+        return cls(p, files)
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    def slices(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) without reading any data."""
+        from safetensors import safe_open
+
+        out = {}
+        for file in sorted(set(self.files.values())):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        return out
+
+
+def check_compatible(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
+    """Every expert has the base's tensor names and shapes; one line names model, tensor and shapes."""
+    ref = base.slices()
+    for label, ck in experts.items():
+        got = ck.slices()
+        for name in ref:
+            if name not in got:
+                raise UserError(f"models: expert {label} lacks tensor {name} of the base")
+            if got[name][0] != ref[name][0]:
+                raise UserError(f"models: expert {label} tensor {name} has shape {list(got[name][0])}, "
+                                f"the base has {list(ref[name][0])}")
+        extra = sorted(set(got) - set(ref))
+        if extra:
+            raise UserError(f"models: expert {label} has tensor {extra[0]} that the base lacks")
+
+
+def check_finite(label: str, ck: Checkpoint) -> None:
+    """NaN or Inf in a checkpoint is an error naming the tensor."""
+    for name in ck.names():
+        t = ck.tensor(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"models: {label} tensor {name} contains NaN or Inf")
