@@ -35,3 +35,22 @@ class Fitness(ABC):
     @abstractmethod
     def holdout(self, x: np.ndarray) -> dict[str, float]:
         """Metrics of one point on held-out data (reported for the best, never searched on)."""
+
+
+class ModelFitness(ABC):
+    """A fitness that scores a materialized model (e.g. a resident Hugging Face causal LM).
+
+    Built once inside each worker; the worker merges each candidate into its resident model
+    in place and then calls `evaluate_model`. Returns per-example scores (1-D, concatenated
+    over tasks) and named metrics; `fitness` is the scalar the search maximises.
+    """
+
+    spaces: tuple[str, ...] = ()
+
+    @abstractmethod
+    def evaluate_model(self, model, tokenizer) -> tuple[float, np.ndarray, dict[str, float]]:
+        """(fitness, per-example scores, metrics) on the search split."""
+
+    @abstractmethod
+    def holdout_model(self, model, tokenizer) -> dict[str, float]:
+        """Metrics on the held-out split (reported for the best, never searched on)."""
