@@ -22,7 +22,49 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set budget.max_evals=500 (repeatable)")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<config>-<time>); must be new")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the search dimension, the parameter layout and the recipe at the centre; run nothing")
     return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evomerge export", description="Export an evaluation of a run: the best "
+                                "by default, or --eval-id N, as a Hugging Face model directory and/or a mergekit YAML.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--eval-id", type=int, metavar="N", help="evaluation id in RUN_DIR/evals.jsonl (default: the best)")
+    p.add_argument("--to", metavar="DIR", help="write a model directory loadable by from_pretrained")
+    p.add_argument("--mergekit", metavar="FILE", help="write a mergekit YAML that reproduces the merge")
+    return p
+
+
+def cmd_export(argv: list[str]) -> int:
+    from .export import export
+
+    args = _export_parser().parse_args(argv)
+    if not args.to and not args.mergekit:
+        raise UserError("export: give --to DIR and/or --mergekit FILE")
+    print(export(args.run_dir, args.eval_id, args.to, args.mergekit))
+    return 0
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .spaces import build_space
+
+    cfg = load_config(args.config, args.set)
+    space = build_space(cfg.space, cfg.seed)
+    info = space.describe()
+    print(f"dimension: {space.dim}")
+    for key, value in info.items():
+        if key not in ("dim", "layout"):
+            print(f"{key}: {json.dumps(value)}")
+    for row in info.get("layout", []):
+        print(f"  {row}")
+    if space.lower is not None:
+        centre = (space.lower + space.upper) / 2
+        print("recipe at the centre:")
+        print(json.dumps(space.recipe(centre), indent=2))
+    return 0
 
 
 def default_out(config: str) -> Path:
@@ -44,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config, to_yaml
     from .engine import Engine, RayCluster
     from .rundir import RunDir, check_new
-    from .space import build_space
+    from .spaces import build_space
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else default_out(args.config)
@@ -80,9 +122,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return cmd_run(args)
+        if argv[:1] == ["export"]:
+            return cmd_export(argv[1:])
+        if argv[:1] == ["zoo"]:
+            from .tinylm import zoo_main
+
+            return zoo_main(argv[1:])
+        args = _parser().parse_args(argv)
+        return cmd_dry_run(args) if args.dry_run else cmd_run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from populations import STRATEGIES
 
 from .errors import UserError
 from .schema import Frozen
-from .space import SPACES
+from .spaces import SPACES
 
 
 def _union(registry: dict) -> Any:
@@ -38,6 +38,8 @@ class EngineConfig(Frozen):
     queue_depth: int = Field(2, ge=1, description="batches in flight per worker (keeps it busy "
                                                   "while the driver tells and asks)")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved by each worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker (fractions share a GPU); "
+                                                          "the worker's resident model lives on its GPU")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads in each worker; "
                                                                    "default the reserved CPUs")
 

@@ -5,6 +5,7 @@ import logging
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
@@ -78,8 +79,15 @@ class Engine:
         self._launched = time.perf_counter()
         e = self.cfg.engine
         threads = e.threads_per_worker or max(1, int(e.cpus_per_worker))
-        remote = ray.remote(FitnessWorker).options(num_cpus=e.cpus_per_worker, max_concurrency=1)
-        self.workers = [remote.remote(i, self.cfg.fitness, threads) for i in range(e.workers)]
+        gpus = e.gpus_per_worker
+        if gpus and not ray.cluster_resources().get("GPU"):
+            print("warning: engine.gpus_per_worker is set but Ray sees no GPU: the workers run on CPU",
+                  file=sys.stderr)
+            gpus = 0
+        remote = ray.remote(FitnessWorker).options(num_cpus=e.cpus_per_worker, num_gpus=gpus,
+                                                   max_concurrency=1)
+        self.workers = [remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, threads)
+                        for i in range(e.workers)]
 
     def wait_workers(self) -> None:
         import ray
@@ -145,8 +153,12 @@ class Engine:
                     fit = float(ev.fitness[j])
                     metrics = {k: float(v[j]) for k, v in ev.metrics.items()}
                     results.append(Result(c, fit, None if ev.scores is None else ev.scores[j], metrics))
-                    records.append({"id": eid, "step": c.step, "fitness": fit, "metrics": metrics,
-                                    "worker": widx, "seconds": round(per_eval, 6)})
+                    record = {"id": eid, "step": c.step, "fitness": fit, "metrics": metrics,
+                              "worker": widx, "seconds": round(per_eval, 6)}
+                    recipe = self.space.recipe(c.x)
+                    if recipe is not None:
+                        record["recipe"] = recipe
+                    records.append(record)
                     if fit > best["fitness"]:
                         best = {"fitness": fit, "id": eid, "x": c.x, "metrics": metrics}
                 strategy.tell(results)
@@ -177,8 +189,8 @@ class Engine:
             holdout = ray.get(self.workers[0].holdout.remote(best["x"]))
             summary["best"] = {"eval_id": best["id"], "fitness": best["fitness"], "metrics": best["metrics"],
                                "holdout": holdout}
-            self.space.save(best["x"], rundir.best, {"eval_id": best["id"], "fitness": best["fitness"],
-                                                      **best["metrics"], **holdout})
+            info = {"eval_id": best["id"], "fitness": best["fitness"], **best["metrics"], **holdout}
+            ray.get(self.workers[0].save.remote(best["x"], str(rundir.best.resolve()), info))
         summary["strategy"] = strategy.summary()
         summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         summary["worker_peak_rss_mb"] = [round(m, 1) for m in ray.get([w.peak_rss_mb.remote() for w in self.workers])]

@@ -36,6 +36,14 @@ class SearchSpace(ABC):
     def describe(self) -> dict:
         return {"dim": self.dim, "bounded": self.lower is not None}
 
+    def recipe(self, x: np.ndarray) -> dict | None:
+        """The JSON description of point x that evals.jsonl logs (None: the vector is the model)."""
+        return None
+
+    def decode(self, x: np.ndarray):
+        """What a worker materializes for point x (here: the vector itself)."""
+        return x
+
 
 class DigitsMLPSpaceConfig(Frozen):
     """The digits MLP's 19,210 parameters as one vector."""
@@ -100,11 +108,3 @@ def predict(x):  # x: (n, 64) float32
     return (torch.relu(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]).argmax(1)
 ```
 """
-
-SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
-    "digits_mlp": (DigitsMLPSpaceConfig, DigitsMLPSpace),
-}
-
-
-def build_space(cfg: Frozen, seed: int) -> SearchSpace:
-    return SPACES[cfg.name][1](cfg, seed)

@@ -1,5 +1,5 @@
 """Evaluators. Add one: a module plus a line in FITNESSES."""
-from .base import BatchEvaluation, Fitness
+from .base import BatchEvaluation, Fitness, ModelFitness
 from .digits import DigitsFitness, DigitsFitnessConfig
 
 FITNESSES = {
@@ -11,4 +11,4 @@ def build_fitness(cfg) -> Fitness:
     return FITNESSES[cfg.name][1](cfg)
 
 
-__all__ = ["BatchEvaluation", "Fitness", "FITNESSES", "build_fitness"]
+__all__ = ["BatchEvaluation", "Fitness", "ModelFitness", "FITNESSES", "build_fitness"]

@@ -1,0 +1,15 @@
+"""Registry of search spaces: add one with a module and a line in SPACES."""
+from __future__ import annotations
+
+from .hf_space import HFMergeSpace, HFMergeSpaceConfig
+from .schema import Frozen
+from .space import DigitsMLPSpace, DigitsMLPSpaceConfig, SearchSpace
+
+SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
+    "digits_mlp": (DigitsMLPSpaceConfig, DigitsMLPSpace),
+    "hf_merge": (HFMergeSpaceConfig, HFMergeSpace),
+}
+
+
+def build_space(cfg: Frozen, seed: int) -> SearchSpace:
+    return SPACES[cfg.name][1](cfg, seed)
