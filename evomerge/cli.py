@@ -94,10 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     space = build_space(cfg.space, cfg.seed)
     STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
     engine = Engine(cfg, space, progress=not args.no_progress)
-    # Ray and the workers start while the seeds (e.g. trained experts) are made in a thread.
+    # Ray starts while the seeds (e.g. trained experts) and the task vectors are made in a thread;
+    # the workers start once the task vectors are on disk, to map rather than recompute them.
     with ThreadPoolExecutor(1) as pool:
+        prepared = pool.submit(space.prepare)
         seeds = pool.submit(space.seeds)
         with RayCluster(cfg.engine):
+            prepared.result()
             engine.launch_workers()
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
                              upper=space.upper, random_seeds=space.random_seeds)

@@ -36,6 +36,9 @@ class SearchSpace(ABC):
     def describe(self) -> dict:
         return {"dim": self.dim, "bounded": self.lower is not None}
 
+    def prepare(self) -> None:
+        """Once-per-run work before the workers start (e.g. writing task vectors); default none."""
+
     def recipe(self, x: np.ndarray) -> dict | None:
         """The JSON description of point x that evals.jsonl logs (None: the vector is the model)."""
         return None
