@@ -107,8 +107,11 @@ def resolve_model(ref: str, what: str) -> Path:
 
         return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's model reference
+        hint = ""
+        if ref.startswith("zoo/"):
+            hint = f"; build the demo models first: python run.py zoo {ref.split('/')[1]} --out zoo/{ref.split('/')[1]}"
         raise UserError(f"space.models.{what}: {ref}: not a local directory and not loadable from the hub "
-                        f"({type(e).__name__})") from None
+                        f"({type(e).__name__}){hint}") from None
 
 
 class HFMergeSpace(SearchSpace):
