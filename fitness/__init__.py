@@ -1,9 +1,11 @@
 """Evaluators. Add one: a module plus a line in FITNESSES."""
 from .base import BatchEvaluation, Fitness, ModelFitness
 from .digits import DigitsFitness, DigitsFitnessConfig
+from .lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
 FITNESSES = {
     "digits": (DigitsFitnessConfig, DigitsFitness),
+    "lm_tasks": (LMTasksFitnessConfig, LMTasksFitness),
 }
 
 
