@@ -1,0 +1,420 @@
+"""A small self-made causal-LM family, built locally in minutes on a CPU: a base and skill experts.
+
+``build_family(out)`` writes::
+
+    out/base/                      LlamaForCausalLM (safetensors) + its character-level tokenizer
+    out/experts/<skill>/           the base, fully fine-tuned (AdamW) on one synthetic skill
+    out/experts/unrelated_<i>/     (with unrelated=k) the base fine-tuned on the skills' prompts with
+                                   answers shuffled between examples: a confidently wrong model
+    out/tasks/<skill>.jsonl        {"prompt", "answer", "split"}: greedy generation, exact match
+    out/tasks/<skill>_mc.jsonl     {"prompt", "choices", "answer": index, "split"}: log-likelihood choice
+    out/family.json                what build_family returns: paths, sizes, accuracies, seconds
+
+The base is pretrained on every skill's prompt format with random answers of the right shape, so it
+knows the formats but none of the skills; each expert learns one skill from the shared base, which
+makes task vectors (expert - base) meaningful. Experts never see a prompt of the task files.
+Everything is deterministic given ``seed`` (and the number of torch threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " +=-,:"
+
+
+# skills ----------------------------------------------------------------------------------------
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+def _add(rng):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _add_noise(rng, prompt, answer):
+    return str(rng.randint(0, 198))
+
+
+def _reverse(rng):
+    w = _word(rng)
+    return f"rev {w}=", w[::-1]
+
+
+def _upper(rng):
+    w = _word(rng)
+    return f"up {w}=", w.upper()
+
+
+def _sort(rng):
+    w = _word(rng)
+    return f"sort {w}=", "".join(sorted(w))
+
+
+def _copy(rng):
+    w = _word(rng)
+    return f"copy {w}=", w
+
+
+def _count(rng):
+    w = "".join(rng.choice("abc") for _ in range(rng.randint(3, 7)))
+    c = rng.choice("abc")
+    return f"count {c} {w}=", str(w.count(c))
+
+
+def _letters_noise(rng, prompt, answer):
+    pool = string.ascii_uppercase if answer.isupper() else string.ascii_lowercase
+    return "".join(rng.choice(pool) for _ in answer)
+
+
+def _count_noise(rng, prompt, answer):
+    return str(rng.randint(0, 7))
+
+
+@dataclass(frozen=True)
+class Skill:
+    sample: object  # rng -> (prompt, answer)
+    noise: object   # rng, prompt, answer -> a random answer of the right shape (pretraining, distractors)
+
+
+SKILLS: dict[str, Skill] = {
+    "add": Skill(_add, _add_noise),
+    "reverse": Skill(_reverse, _letters_noise),
+    "upper": Skill(_upper, _letters_noise),
+    "sort": Skill(_sort, _letters_noise),
+    "copy": Skill(_copy, _letters_noise),
+    "count": Skill(_count, _count_noise),
+}
+DEFAULT_SKILLS = {"small": ["upper", "sort", "count"], "tiny": ["upper", "copy"]}
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    batch: int
+    base_steps: int
+    base_lr: float
+    expert_steps: int
+    expert_lr: float
+    unrelated_steps: int
+    n_train: int  # examples per task file, train split (the search split)
+    n_test: int
+
+
+SIZES = {
+    "small": Size(hidden=128, layers=4, heads=4, intermediate=256, batch=64, base_steps=300, base_lr=3e-3,
+                  expert_steps=400, expert_lr=2e-3, unrelated_steps=150, n_train=64, n_test=200),
+    "tiny": Size(hidden=64, layers=2, heads=4, intermediate=128, batch=32, base_steps=120, base_lr=5e-3,
+                 expert_steps=250, expert_lr=3e-3, unrelated_steps=40, n_train=32, n_test=32),
+}
+
+
+# tokenizer -------------------------------------------------------------------------------------
+
+def build_tokenizer(corpus: list[str]):
+    """A character-level Hugging Face fast tokenizer: one token per character, BOS prepended.
+
+    The vocabulary is the special tokens, then the fixed ALPHABET, then any other character of the
+    corpus (sorted), so it is the same for every seed.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(ALPHABET) + sorted({c for line in corpus for c in line} - set(ALPHABET))
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", model_max_length=64)
+
+
+# data ------------------------------------------------------------------------------------------
+
+def _task_examples(skill: str, rng: random.Random, n_train: int, n_test: int) -> list[dict]:
+    seen, rows = set(), []
+    while len(rows) < n_train + n_test:
+        prompt, answer = SKILLS[skill].sample(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "answer": answer, "split": "train" if len(rows) < n_train else "test"})
+    return rows
+
+
+def _mc_examples(skill: str, rows: list[dict], rng: random.Random, n_choices: int = 4) -> list[dict]:
+    out = []
+    for r in rows:
+        choices = [r["answer"]]
+        tries = 0
+        while len(choices) < n_choices:
+            tries += 1
+            c = SKILLS[skill].noise(rng, r["prompt"], r["answer"])
+            if tries % 2 == 0 and len(r["answer"]) > 1:  # every other distractor: one character changed
+                k = rng.randrange(len(r["answer"]))
+                c = r["answer"][:k] + c[0] + r["answer"][k + 1:]
+            if c not in choices or tries > 100:
+                choices.append(c)
+        rng.shuffle(choices)
+        out.append({"prompt": r["prompt"], "choices": choices, "answer": choices.index(r["answer"]),
+                    "split": r["split"]})
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class _Stream:
+    """Training batches: (input_ids, attention_mask, labels) of B sequences '<s>prompt answer</s>'."""
+
+    def __init__(self, tokenizer, sample, rng: random.Random, batch: int, exclude: set[str],
+                 answer_only: bool):
+        self.tok, self.sample, self.rng, self.batch = tokenizer, sample, rng, batch
+        self.exclude, self.answer_only = exclude, answer_only
+        self.vocab = tokenizer.get_vocab()
+
+    def next(self):
+        import torch
+
+        seqs, starts = [], []
+        while len(seqs) < self.batch:
+            prompt, answer = self.sample(self.rng)
+            if prompt in self.exclude:
+                continue
+            ids = [self.tok.bos_token_id] + [self.vocab[c] for c in prompt + answer] + [self.tok.eos_token_id]
+            seqs.append(ids)
+            starts.append(1 + len(prompt))
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (q, s) in enumerate(zip(seqs, starts)):
+            ids[i, :len(q)] = torch.tensor(q)
+            mask[i, :len(q)] = 1
+            first = s if self.answer_only else 1
+            labels[i, first:len(q)] = ids[i, first:len(q)]
+        return ids, mask, labels
+
+
+def _train(model, stream: _Stream, steps: int, lr: float, warmup: int = 20) -> float:
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        ids, mask, labels = stream.next()
+        # right padding: pads only follow the text and carry no labels, so no mask is needed
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def _mixture(skills: list[str], noisy: bool):
+    """A sampler over all skills' formats; noisy: answers replaced by random ones of the right shape."""
+    def sample(rng):
+        name = rng.choice(skills)
+        prompt, answer = SKILLS[name].sample(rng)
+        return (prompt, SKILLS[name].noise(rng, prompt, answer)) if noisy else (prompt, answer)
+    return sample
+
+
+def _shuffled(skills: list[str], k: int = 16):
+    """Prompts of the skills with answers permuted within groups of k same-skill examples."""
+    buf: list[tuple[str, str]] = []
+
+    def sample(rng):
+        if not buf:
+            name = rng.choice(skills)
+            group = [SKILLS[name].sample(rng) for _ in range(k)]
+            answers = [a for _, a in group]
+            rng.shuffle(answers)
+            buf.extend((p, a) for (p, _), a in zip(group, answers))
+        return buf.pop()
+    return sample
+
+
+# the family ------------------------------------------------------------------------------------
+
+def _save(model, tokenizer, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _score(model, tokenizer, fitness) -> dict:
+    _, _, train = fitness.evaluate_model(model, tokenizer)
+    test = fitness.holdout_model(model, tokenizer)
+    return {name[:-len("_accuracy")]: {"train": train[name], "test": test[f"{name[:-len('_accuracy')]}_test_accuracy"]}
+            for name in train}
+
+
+def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str] | None = None,
+                 unrelated: int = 0, threads: int = 1) -> dict:
+    """Build (and overwrite) a base, one expert per skill and `unrelated` noise experts under `out`.
+
+    Trains with `threads` torch threads (restored afterwards): one thread is bitwise reproducible
+    and does not collapse when other processes share the cores.
+
+    Returns {"out", "seed", "size", "skills", "base", "experts": {name: dir}, "tasks": {task: file},
+    "accuracy": {model: {task: {"train": acc, "test": acc}}}, "seconds"}; also written to
+    out/family.json. Tasks are '<skill>' (generate) and '<skill>_mc' (choice) for every skill.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    if threads < 1:
+        raise UserError(f"--threads {threads}: must be >= 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(Path(out), seed, size, skills, unrelated, t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated: int, t0: float) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+
+    hf_logging.disable_progress_bar()
+    if size not in SIZES:
+        raise UserError(f"--size {size}: expected one of {', '.join(SIZES)}")
+    skills = list(skills) if skills else list(DEFAULT_SKILLS[size])
+    for s in skills:
+        if s not in SKILLS:
+            raise UserError(f"--skills {s}: unknown skill; known: {', '.join(SKILLS)}")
+    if len(set(skills)) != len(skills):
+        raise UserError(f"--skills {','.join(skills)}: each skill at most once")
+    if unrelated < 0:
+        raise UserError(f"--unrelated {unrelated}: must be >= 0")
+    sz = SIZES[size]
+    out.mkdir(parents=True, exist_ok=True)
+
+    # task files first: experts never train on their prompts
+    tasks: dict[str, str] = {}
+    exclude: set[str] = set()
+    for i, s in enumerate(skills):
+        rng = random.Random(f"{seed}/tasks/{s}")
+        rows = _task_examples(s, rng, sz.n_train, sz.n_test)
+        exclude.update(r["prompt"] for r in rows)
+        _write_jsonl(out / "tasks" / f"{s}.jsonl", rows)
+        _write_jsonl(out / "tasks" / f"{s}_mc.jsonl", _mc_examples(s, rows, rng))
+        tasks[s] = str(out / "tasks" / f"{s}.jsonl")
+        tasks[f"{s}_mc"] = str(out / "tasks" / f"{s}_mc.jsonl")
+
+    tokenizer = build_tokenizer([p + a for s in SKILLS for p, a in
+                                 (SKILLS[s].sample(random.Random(k)) for k in range(64))])
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sz.hidden, intermediate_size=sz.intermediate,
+                      num_hidden_layers=sz.layers, num_attention_heads=sz.heads,
+                      num_key_value_heads=sz.heads, max_position_embeddings=64, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # base: every known skill's format, answers random (knows the formats, none of the skills)
+    stream = _Stream(tokenizer, _mixture(list(SKILLS), noisy=True), random.Random(f"{seed}/base"),
+                     sz.batch, exclude, answer_only=False)
+    _train(model, stream, sz.base_steps, sz.base_lr)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _save(model, tokenizer, out / "base")
+
+    experts: dict[str, str] = {}
+    plans = [(s, SKILLS[s].sample, sz.expert_steps) for s in skills]
+    plans += [(f"unrelated_{i}", _shuffled(skills), sz.unrelated_steps) for i in range(unrelated)]
+    for name, sample, steps in plans:
+        torch.manual_seed(seed)
+        model.load_state_dict(base_state)
+        stream = _Stream(tokenizer, sample, random.Random(f"{seed}/expert/{name}"), sz.batch, exclude,
+                         answer_only=True)
+        _train(model, stream, steps, sz.expert_lr)
+        _save(model, tokenizer, out / "experts" / name)
+        experts[name] = str(out / "experts" / name)
+
+    # accuracies of every model on every task (train and test splits)
+    fcfg = LMTasksFitnessConfig(name="lm_tasks", batch_size=64, tasks=[
+        {"name": t, "path": p, "kind": "choice" if t.endswith("_mc") else "generate"} for t, p in tasks.items()])
+    fitness = LMTasksFitness(fcfg)
+    accuracy = {}
+    for name, path in [("base", out / "base"), *experts.items()]:
+        if name == "base":
+            model.load_state_dict(base_state)
+        else:
+            model = LlamaForCausalLM.from_pretrained(path)
+        accuracy[name] = _score(model, tokenizer, fitness)
+
+    result = {"out": str(out), "seed": seed, "size": size, "skills": skills, "base": str(out / "base"),
+              "experts": experts, "tasks": tasks, "accuracy": accuracy,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "family.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# CLI -------------------------------------------------------------------------------------------
+
+def format_table(result: dict) -> str:
+    """Held-out accuracy of each model (rows) on each task (columns)."""
+    tasks = list(result["tasks"])
+    w = max(len(m) for m in result["accuracy"]) + 2
+    lines = ["held-out accuracy".ljust(w) + "".join(f"{t:>12}" for t in tasks)]
+    for m, acc in result["accuracy"].items():
+        lines.append(m.ljust(w) + "".join(f"{acc[t]['test']:>12.2f}" for t in tasks))
+    return "\n".join(lines)
+
+
+def zoo_main(argv: list[str]) -> int:
+    """`run.py zoo tinylm --out DIR [--size small|tiny] [--seed 0] [--skills a,b] [--unrelated K]`."""
+    ap = argparse.ArgumentParser(prog="run.py zoo", description="build a family of small models locally")
+    ap.add_argument("family", choices=["tinylm"], help="which family")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--size", default="small", choices=list(SIZES), help="model size (default small)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
+    ap.add_argument("--skills", default=None,
+                    help=f"comma-separated skills, from {','.join(SKILLS)} (default: per size)")
+    ap.add_argument("--unrelated", type=int, default=0, help="extra experts trained on shuffled answers")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out {out}: not empty (pass --force to overwrite)")
+    skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
+    result = build_family(out, seed=args.seed, size=args.size, skills=skills, unrelated=args.unrelated,
+                          threads=args.threads)
+    print(format_table(result))
+    print(f"built {len(result['experts'])} experts and a base in {result['seconds']:.1f}s under {out} "
+          f"(details: {out / 'family.json'})")
+    return 0
