@@ -4,8 +4,9 @@
 
     out/base/                      LlamaForCausalLM (safetensors) + its character-level tokenizer
     out/experts/<skill>/           the base, fully fine-tuned (AdamW) on one synthetic skill
-    out/experts/unrelated_<i>/     (with unrelated=k) the base fine-tuned on the skills' prompts with
-                                   answers shuffled between examples: a confidently wrong model
+    out/experts/unrelated_<i>/     (with unrelated=k) the base briefly fine-tuned on a skill outside the
+                                   family (or, when none is left, on the skills' prompts with answers
+                                   shuffled between examples)
     out/tasks/<skill>.jsonl        {"prompt", "answer", "split"}: greedy generation, exact match
     out/tasks/<skill>_mc.jsonl     {"prompt", "choices", "answer": index, "split"}: log-likelihood choice
     out/family.json                what build_family returns: paths, sizes, accuracies, seconds
@@ -67,7 +68,7 @@ def _copy(rng):
 
 
 def _count(rng):
-    w = "".join(rng.choice("abc") for _ in range(rng.randint(3, 7)))
+    w = "".join(rng.choice("abc") for _ in range(rng.randint(3, 6)))
     c = rng.choice("abc")
     return f"count {c} {w}=", str(w.count(c))
 
@@ -116,7 +117,7 @@ class Size:
 
 SIZES = {
     "small": Size(hidden=128, layers=4, heads=4, intermediate=256, batch=64, base_steps=300, base_lr=3e-3,
-                  expert_steps=400, expert_lr=2e-3, unrelated_steps=150, n_train=64, n_test=200),
+                  expert_steps=450, expert_lr=2e-3, unrelated_steps=150, n_train=64, n_test=200),
     "tiny": Size(hidden=64, layers=2, heads=4, intermediate=128, batch=32, base_steps=120, base_lr=5e-3,
                  expert_steps=250, expert_lr=3e-3, unrelated_steps=40, n_train=32, n_test=32),
 }
@@ -275,7 +276,7 @@ def _score(model, tokenizer, fitness) -> dict:
 
 def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str] | None = None,
                  unrelated: int = 0, threads: int = 1) -> dict:
-    """Build (and overwrite) a base, one expert per skill and `unrelated` noise experts under `out`.
+    """Build (and overwrite) a base, one expert per skill and `unrelated` unrelated experts under `out`.
 
     Trains with `threads` torch threads (restored afterwards): one thread is bitwise reproducible
     and does not collapse when other processes share the cores.
@@ -351,8 +352,15 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
     _save(model, tokenizer, out / "base")
 
     experts: dict[str, str] = {}
+    unrelated_on: dict[str, str] = {}
     plans = [(s, SKILLS[s].sample, sz.expert_steps) for s in skills]
-    plans += [(f"unrelated_{i}", _shuffled(skills), sz.unrelated_steps) for i in range(unrelated)]
+    # unrelated experts: a skill outside the family where one is left, else shuffled answers
+    spare = [s for s in SKILLS if s not in skills]
+    for i in range(unrelated):
+        trained_on = spare[i % len(spare)] if spare else "shuffled"
+        sample = SKILLS[trained_on].sample if spare else _shuffled(skills)
+        plans.append((f"unrelated_{i}", sample, sz.unrelated_steps))
+        unrelated_on[f"unrelated_{i}"] = trained_on
     for name, sample, steps in plans:
         torch.manual_seed(seed)
         model.load_state_dict(base_state)
@@ -375,7 +383,8 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
         accuracy[name] = _score(model, tokenizer, fitness)
 
     result = {"out": str(out), "seed": seed, "size": size, "skills": skills, "base": str(out / "base"),
-              "experts": experts, "tasks": tasks, "accuracy": accuracy,
+              "experts": experts, "unrelated_trained_on": unrelated_on, "tasks": tasks,
+              "accuracy": accuracy,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "family.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -402,7 +411,7 @@ def zoo_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
     ap.add_argument("--skills", default=None,
                     help=f"comma-separated skills, from {','.join(SKILLS)} (default: per size)")
-    ap.add_argument("--unrelated", type=int, default=0, help="extra experts trained on shuffled answers")
+    ap.add_argument("--unrelated", type=int, default=0, help="extra experts trained on a skill outside the family")
     ap.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     args = ap.parse_args(argv)
