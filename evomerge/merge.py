@@ -29,16 +29,36 @@ Tensor = torch.Tensor
 # sparsification ----------------------------------------------------------------------------
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """1 for the int(density * n) entries of largest magnitude, else 0."""
+    """1 for the k = max(1, int(density * n)) entries of largest magnitude, else 0 (mergekit's `magnitude`).
+
+    mergekit takes the first k of an argsort; here the k-th largest magnitude is found by a
+    selection (numpy's introselect on CPU, torch.topk elsewhere) and the mask is a comparison
+    with it: the same entries whenever the k-th largest magnitude is unique. When it is tied,
+    the tied entries of lowest index fill the mask up to k (mergekit's pick among ties
+    depends on its unstable sort).
+    """
     if density >= 1:
         return torch.ones_like(delta)
-    k = int(density * delta.numel())
-    if k <= 0:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {delta.numel()} entries")
-    mask = torch.zeros_like(delta)
-    top = torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]
-    mask.view(-1)[top] = 1
-    return mask
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    a = delta.detach().reshape(-1).abs()
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
+    if a.device.type == "cpu":
+        flat = a.numpy()
+        thr = float(np.partition(flat, n - k)[n - k])  # the k-th largest magnitude
+    else:
+        thr = float(torch.topk(a, k, sorted=False).values.min())
+    mask = torch.empty(n, dtype=delta.dtype, device=delta.device)
+    torch.ge(a, thr, out=mask)
+    if float(mask.sum(dtype=torch.float64)) > k:  # ties at the threshold: keep the first of them
+        torch.gt(a, thr, out=mask)
+        missing = k - int(mask.sum(dtype=torch.float64))
+        tied = torch.nonzero(a == thr).reshape(-1)[:missing]
+        mask[tied] = 1
+    return mask.view(delta.shape)
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -72,9 +92,9 @@ def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
 
 # mixing ------------------------------------------------------------------------------------
 
-def _column(weights: Sequence[float], like: Tensor) -> Tensor:
-    w = torch.tensor(list(weights), dtype=like.dtype)
-    return w.view(-1, *([1] * like.dim()))
+def _shares(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors use the same storage (then one cannot accumulate into the other)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def sign_consensus(weighted: Tensor) -> Tensor:
@@ -85,36 +105,64 @@ def sign_consensus(weighted: Tensor) -> Tensor:
 
 def mix_deltas(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], out: Tensor, *,
                masks: Sequence[Tensor] | None = None, consensus: bool = False, normalize: bool = False) -> Tensor:
-    """out = base + combined deltas (the generalized task arithmetic of TIES / DARE / breadcrumbs)."""
-    d = torch.stack(list(deltas))
-    if masks is not None:
-        d = d * torch.stack(list(masks))
-    w = _column(weights, base)
-    weighted = d * w
+    """out = base + combined deltas (the generalized task arithmetic of TIES / DARE / breadcrumbs).
+
+    The same arithmetic as mergekit's `GeneralizedTaskArithmeticMerge`, in the same order
+    (mask, then weight, then sum over experts in order), without stacking the experts: one
+    temporary per expert and float masks only (mixed-dtype and boolean kernels are slow on CPU).
+    With sign election, an entry of expert i is kept where sign(w_i d_i) equals the sign of
+    sum_j w_j d_j (0 counts as +; zero entries are never kept), and the divisor sums the w_i
+    of the kept entries. `out` may be `base` itself (then a temporary accumulates).
+    """
+    w = [float(x) for x in weights]
+    weighted = []
+    for i, d in enumerate(deltas):
+        x = torch.mul(d, masks[i]) if masks is not None else d.clone()
+        weighted.append(x.mul_(w[i]))
+    # accumulate in `out`, add the base last
+    mixed = torch.empty_like(out) if _shares(out, base) else out
+    mixed.copy_(weighted[0])
+    for x in weighted[1:]:
+        mixed.add_(x)
     if consensus:
-        keep = sign_consensus(weighted).to(base.dtype)
-        mixed = (weighted * keep).sum(dim=0)
-        divisor = (w * keep).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = weighted.sum(dim=0)
-        total = float(w.sum())
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mixed = mixed / divisor
-    torch.add(base, mixed, out=out)
-    return out
+        majority = torch.ge(mixed, 0, out=torch.empty_like(mixed)).mul_(2).sub_(1)  # +1 / -1
+        divisor = torch.zeros_like(mixed)
+        keep = torch.empty_like(mixed)
+        mixed.zero_()
+        for x, wi in zip(weighted, w):
+            x.mul_(majority)  # exact (a sign flip): kept entries are now > 0
+            torch.gt(x, 0, out=keep)
+            mixed.add_(x.clamp_min_(0))
+            divisor.add_(keep, alpha=wi)
+        mixed.mul_(majority)
+        if normalize:
+            divisor.add_(torch.eq(divisor, 0, out=keep))  # 0 -> 1 (no expert kept), without a bool kernel
+            mixed.div_(divisor)
+    elif normalize:
+        total = float(torch.tensor(w, dtype=torch.float64 if base.dtype == torch.float64 else torch.float32).sum())
+        if abs(total) >= 1e-8:
+            mixed.div_(total)
+    if mixed is out:
+        return out.add_(base)
+    return torch.add(base, mixed, out=out)
 
 
 # operators ---------------------------------------------------------------------------------
 
 def linear(tensors: Sequence[Tensor], weights: Sequence[float], out: Tensor, normalize: bool = True) -> Tensor:
-    stacked = torch.stack(list(tensors))
-    w = _column(weights, stacked[0])
-    res = (w * stacked).sum(dim=0)
+    """sum_i w_i x_i (/ sum_i w_i), accumulated in `out` in mergekit's order, without temporaries.
+
+    `out` may be one of the inputs (then a temporary accumulates).
+    """
+    if any(_shares(out, x) for x in tensors[1:]):
+        return out.copy_(linear(tensors, weights, torch.empty_like(out), normalize=normalize))
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+    coefficients = w.tolist()
+    torch.mul(tensors[0], coefficients[0], out=out)
+    for x, wi in zip(tensors[1:], coefficients[1:]):
+        out.add_(x, alpha=wi)
     if normalize:
-        res = res / w.sum(dim=0)
-    out.copy_(res)
+        out.div_(float(w.sum()))
     return out
 
 
@@ -138,18 +186,23 @@ def breadcrumbs(base, deltas, weights, densities, gammas, out, *, consensus: boo
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, out: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
-    """Spherical interpolation from v0 (t = 0) to v1 (t = 1) over the whole tensor (computed in float64)."""
-    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
-    na, nb = a.norm(), b.norm()
-    ua = a / na if na > eps else a
-    ub = b / nb if nb > eps else b
-    dot = float((ua * ub).sum())
+    """Spherical interpolation from v0 (t = 0) to v1 (t = 1) over the whole tensor, as mergekit does it:
+    in float32 (float64 for float64 inputs), linear when the normalized directions are nearly
+    parallel or antiparallel (|cos| > dot_threshold), norms below `eps` taken as 1."""
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(-1).to(dtype), v1.reshape(-1).to(dtype)
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = torch.where(na > eps, na, 1)
+    nb = torch.where(nb > eps, nb, 1)
+    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    tt = torch.tensor(t, dtype=dtype)
     if abs(dot) > dot_threshold:
-        res = (1 - t) * a + t * b
+        ca, cb = 1 - tt, tt
     else:
-        theta = float(np.arccos(dot))
-        s = float(np.sin(theta))
-        res = float(np.sin(theta - theta * t)) / s * a + float(np.sin(theta * t)) / s * b
+        theta = torch.acos(torch.tensor(dot, dtype=dtype))
+        s = torch.sin(theta)
+        ca, cb = torch.sin((1 - tt) * theta) / s, torch.sin(tt * theta) / s
+    res = a * ca + b * cb
     out.copy_(res.view(v0.shape))
     return out
 

@@ -1,0 +1,49 @@
+"""evomerge's merge operators reproduce mergekit's `mergekit-yaml` output on a tiny Llama.
+
+Skipped unless a mergekit-yaml executable is found: $EVOMERGE_MERGEKIT_YAML, else
+`mergekit-yaml` on PATH, else /work/mkvenv/bin/mergekit-yaml (mergekit is not a dependency:
+install it in its own venv, see bench/merge_parity.py).
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("merge_parity", ROOT / "bench" / "merge_parity.py")
+merge_parity = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("merge_parity", merge_parity)
+_spec.loader.exec_module(merge_parity)
+
+MERGEKIT = merge_parity.find_mergekit()
+pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="no mergekit-yaml executable found")
+
+METHODS = ["linear", "task_arithmetic", "ties", "ties_unnormalized", "slerp"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit_parity")
+    paths = merge_parity.build_models(root / "models", hidden=64, layers=2, intermediate=128, vocab=256)
+    base = merge_parity.load_state(paths["base"])
+    experts = [merge_parity.load_state(p) for p in paths["experts"]]
+    deltas = [{k: e[k] - base[k] for k in base} for e in experts]
+    return root, paths, base, experts, deltas
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_mergekit(models, method):
+    root, paths, base, experts, deltas = models
+    out_dir = root / f"mk_{method}"
+    merge_parity.run_mergekit(MERGEKIT, merge_parity.mergekit_config(method, paths), out_dir)
+    theirs = merge_parity.load_state(out_dir)
+    ours = merge_parity.evomerge_merge(method, base, experts, {k: torch.empty_like(v) for k, v in base.items()},
+                                       deltas=deltas)
+    assert set(theirs) == set(ours)
+    worst = 0.0
+    for name, t in theirs.items():
+        assert t.shape == ours[name].shape and t.dtype == ours[name].dtype == torch.float32, name
+        worst = max(worst, float((t - ours[name]).abs().max()))
+    assert worst <= 1e-6, f"{method}: max abs diff {worst:.3e} vs mergekit"
