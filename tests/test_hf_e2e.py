@@ -1,0 +1,81 @@
+"""hf_merge end to end through the real command: dry-run, a search on two Ray workers, exports."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from hf_models import tiny_family
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfe2e")
+    base, experts = tiny_family(root)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "split": "train" if i < 12 else "test"}
+            for i, (a, b) in enumerate((i % 5, i % 3) for i in range(16))]
+    (root / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "seed": 1,
+        "space": {"name": "hf_merge", "method": "ties", "layer_granularity": 2, "cache_dir": str(root / "tv"),
+                  "models": {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}},
+        "strategy": {"name": "cmaes", "diagonal": True, "popsize": 4, "sigma0": 0.2, "x0": "center"},
+        "fitness": {"name": "lm_tasks", "tasks": [{"name": "add", "path": str(root / "add.jsonl"),
+                                                   "kind": "generate", "max_new_tokens": 3}]},
+        "engine": {"workers": 2, "batch_size": 2},
+        "budget": {"max_evals": 8},
+    }
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_dry_run_prints_layout_and_centre_recipe(cli, setup):
+    r = cli("--config", str(setup / "cfg.yaml"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "dimension: 30" in r.stdout  # (embed, layers.0-1, layers.2-3, norm, head) x 2 params x 3 experts
+    assert "layers.2-3/density/c [0.1, 1]" in r.stdout
+    centre = json.loads(r.stdout.split("recipe at the centre:\n", 1)[1])
+    assert centre["groups"]["embed"]["weight"] == [0.5, 0.5, 0.5]
+
+
+def test_search_logs_recipes_and_exports_them(cli, setup, tmp_path):
+    out = tmp_path / "run"
+    r = cli("--config", str(setup / "cfg.yaml"), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert len(evals) == 8 and all(e["recipe"]["method"] == "ties" for e in evals)
+    assert {e["worker"] for e in evals} == {0, 1}
+    summary = json.loads((out / "summary.json").read_text())
+    assert "add_test_accuracy" in summary["best"]["holdout"]
+    best = json.loads((out / "best" / "recipe.json").read_text())
+    assert best == next(e["recipe"] for e in evals if e["id"] == summary["best"]["eval_id"])
+
+    # export evaluation 3 as a model directory: from_pretrained loads it, equal to the best/ of that recipe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = cli("export", str(out), "--eval-id", "3", "--to", str(tmp_path / "m3"), "--mergekit", str(tmp_path / "m3.yaml"))
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m3")
+    AutoTokenizer.from_pretrained(tmp_path / "m3")
+    assert json.loads((tmp_path / "m3" / "recipe.json").read_text()) == evals[[e["id"] for e in evals].index(3)]["recipe"]
+    mk = yaml.safe_load((tmp_path / "m3.yaml").read_text())
+    assert mk["merge_method"] == "ties" and len(mk["models"]) == 3
+    assert isinstance(next(model.parameters()), torch.Tensor)
+
+    r = cli("export", str(out), "--eval-id", "999", "--to", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--eval-id 999: no such evaluation" in r.stderr
+
+
+def test_mismatched_expert_is_refused_before_anything_starts(cli, setup, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=43, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False))
+    odd.save_pretrained(tmp_path / "odd")
+    cfg["space"]["models"]["experts"]["odd"] = str(tmp_path / "odd")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and not (tmp_path / "run").exists()
+    assert r.stderr.strip().splitlines() == [
+        "error: models: expert odd tensor model.layers.0.mlp.down_proj.weight has shape [32, 48], the base has [32, 64]"]
