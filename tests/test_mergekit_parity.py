@@ -47,3 +47,30 @@ def test_matches_mergekit(models, method):
         assert t.shape == ours[name].shape and t.dtype == ours[name].dtype == torch.float32, name
         worst = max(worst, float((t - ours[name]).abs().max()))
     assert worst <= 1e-6, f"{method}: max abs diff {worst:.3e} vs mergekit"
+
+
+def test_passthrough_matches_mergekit(tmp_path):
+    import subprocess
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from evomerge.passthrough import mergekit_passthrough, stack_layers
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import tiny_family
+
+    base, experts = tiny_family(tmp_path, experts=("a",))
+    models = {"base": base, "a": experts["a"]}
+    slices = [{"model": "base", "layers": [0, 2]}, {"model": "a", "layers": [1, 3]}]
+    stack_layers(base, models, slices, tmp_path / "ours")
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mergekit_passthrough(models, slices)))
+    subprocess.run([MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
+                    "--no-cuda", "--quiet"], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                   capture_output=True)
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    theirs = {}
+    for f in (tmp_path / "theirs").glob("*.safetensors"):
+        theirs.update(load_file(str(f)))
+    assert set(ours) == set(theirs)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) == 0.0
