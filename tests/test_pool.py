@@ -70,6 +70,15 @@ def test_mismatched_expert_is_named_with_both_shapes(tmp_path):
         check_compatible(base, {"m": missing})
 
 
+def test_float_and_integer_tensors_do_not_mix(tmp_path):
+    base = Checkpoint.open(model(tmp_path, "base", TENSORS))
+    half = Checkpoint.open(model(tmp_path, "half", {k: v.half() for k, v in TENSORS.items()}))
+    check_compatible(base, {"half": half})  # float16 casts to the base's float32
+    ints = Checkpoint.open(model(tmp_path, "ints", dict(TENSORS, **{"model.norm.weight": torch.ones(3, dtype=torch.int32)})))
+    with pytest.raises(UserError, match="expert i tensor model.norm.weight has dtype I32, the base has F32"):
+        check_compatible(base, {"i": ints})
+
+
 def test_nan_is_named(tmp_path):
     bad = dict(TENSORS, **{"model.norm.weight": torch.tensor([1.0, float("nan"), 0.0])})
     with pytest.raises(UserError, match="models: e tensor model.norm.weight contains NaN or Inf"):
