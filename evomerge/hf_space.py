@@ -235,7 +235,6 @@ class MergeRuntime:
 
     def __init__(self, space: HFMergeSpace, device: str):
         import torch
-        from safetensors import safe_open
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -252,16 +251,19 @@ class MergeRuntime:
         state.update(dict(self.model.named_buffers()))
         names = space.base.names()
         self.targets = {n: state[n] for n in names if n in state}  # tied weights appear once
+        from .pool import Checkpoint
+
         tv_dir = space.prepare()
-        on_gpu = self.device.type == "cuda"
-        # base, experts and task vectors: memory-mapped on CPU (shared page cache), resident on a GPU
-        self._files = [safe_open(str(tv_dir / f"{label}.safetensors"), "pt") for label in space.labels]
-        self._cache_gpu = on_gpu
+        # base, experts and task vectors: zero-copy views of memory-mapped files on CPU (one copy in
+        # the page cache for all workers of a node), copied once to the device when it is a GPU
+        self._cache_gpu = self.device.type == "cuda"
+        tvs = [Checkpoint(tv_dir, {n: tv_dir / f"{label}.safetensors" for n in self.targets})
+               for label in space.labels]
         self._base, self._deltas, self._experts = {}, {}, {}
         for n in self.targets:
             self._base[n] = self._to(space.base.tensor(n))
             if self.targets[n].is_floating_point():
-                self._deltas[n] = [self._to(f.get_tensor(n)) for f in self._files]
+                self._deltas[n] = [self._to(tv.tensor(n)) for tv in tvs]
 
     def _to(self, t):
         return t.to(self.device, non_blocking=True) if self._cache_gpu else t
@@ -269,10 +271,7 @@ class MergeRuntime:
     def _expert(self, label: str, name: str):
         key = (label, name)
         if key not in self._experts:
-            t = self.space.experts[label].tensor(name)
-            if not self._cache_gpu:
-                return t
-            self._experts[key] = self._to(t)
+            self._experts[key] = self._to(self.space.experts[label].tensor(name))
         return self._experts[key]
 
     def materialize(self, recipe: dict):

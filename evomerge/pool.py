@@ -84,10 +84,9 @@ class Checkpoint:
         return list(self.files)
 
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), "pt") as f:
-            return f.get_tensor(name)
+        """A zero-copy view of the tensor in the memory-mapped file (pages shared by every process
+        that maps it; copy-on-write, so writing to the view never touches the file)."""
+        return _mapped(self.files[name])[name]
 
     def slices(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape, dtype) without reading any data."""
@@ -100,6 +99,39 @@ class Checkpoint:
                     sl = f.get_slice(name)
                     out[name] = (tuple(sl.get_shape()), sl.get_dtype())
         return out
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_MAPS: dict[Path, dict[str, torch.Tensor]] = {}
+
+
+def _mapped(file: Path) -> dict[str, torch.Tensor]:
+    """Views of every tensor of a safetensors file over one mmap of it (cached per process)."""
+    import mmap
+    import warnings
+
+    file = Path(file).resolve()
+    views = _MAPS.get(file)
+    if views is None:
+        with open(file, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        n = int.from_bytes(buf[:8], "little")
+        header = json.loads(buf[8:8 + n])
+        header.pop("__metadata__", None)
+        views = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, meta in header.items():
+                start, end = meta["data_offsets"]
+                dtype = _DTYPES[meta["dtype"]]
+                count = (end - start) // torch.empty((), dtype=dtype).element_size()
+                t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else \
+                    torch.empty(0, dtype=dtype)
+                views[name] = t.view(meta["shape"])
+        _MAPS[file] = views
+    return views
 
 
 def check_compatible(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
