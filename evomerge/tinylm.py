@@ -12,8 +12,12 @@
     out/family.json                what build_family returns: paths, sizes, accuracies, seconds
 
 The base is pretrained on every skill's prompt format with random answers of the right shape, so it
-knows the formats but none of the skills; each expert learns one skill from the shared base, which
-makes task vectors (expert - base) meaningful. Experts never see a prompt of the task files.
+knows the formats but none of the family's skills; each expert learns one skill from the shared base,
+which makes task vectors (expert - base) meaningful. For mergeable experts (size small) the base also
+learns the skills outside the family with correct answers (copy, reverse, add: shared character
+circuits the experts build on), and each expert replays the pretraining mixture for a fraction of its
+examples, so it keeps the base's behaviour on the other formats and its task vector stays focused.
+Experts never see a prompt of the task files.
 Everything is deterministic given ``seed`` (and the number of torch threads).
 """
 from __future__ import annotations
@@ -113,11 +117,15 @@ class Size:
     unrelated_steps: int
     n_train: int  # examples per task file, train split (the search split)
     n_test: int
+    base_correct: float = 0.0  # fraction of pretraining examples with the correct answer (else random)
+    expert_replay: float = 0.0  # fraction of an expert's examples drawn from the pretraining mixture
+    base_spare_correct: bool = False  # pretraining: correct answers on the skills outside the family
 
 
 SIZES = {
-    "small": Size(hidden=128, layers=4, heads=4, intermediate=256, batch=64, base_steps=300, base_lr=3e-3,
-                  expert_steps=450, expert_lr=2e-3, unrelated_steps=150, n_train=64, n_test=200),
+    "small": Size(hidden=128, layers=4, heads=4, intermediate=256, batch=64, base_steps=600, base_lr=3e-3,
+                  expert_steps=250, expert_lr=2e-3, unrelated_steps=150, n_train=64, n_test=200,
+                  expert_replay=0.5, base_spare_correct=True),
     "tiny": Size(hidden=64, layers=2, heads=4, intermediate=128, batch=32, base_steps=120, base_lr=5e-3,
                  expert_steps=250, expert_lr=3e-3, unrelated_steps=40, n_train=32, n_test=32),
 }
@@ -235,13 +243,23 @@ def _train(model, stream: _Stream, steps: int, lr: float, warmup: int = 20) -> f
     return float(loss.detach())
 
 
-def _mixture(skills: list[str], noisy: bool):
-    """A sampler over all skills' formats; noisy: answers replaced by random ones of the right shape."""
+def _mixture(skills: list[str], noisy: bool, correct: float = 0.0, always: frozenset = frozenset()):
+    """A sampler over all skills' formats; noisy: answers replaced by random ones of the right shape,
+    except for a fraction `correct` of the examples and for the skills in `always`."""
     def sample(rng):
         name = rng.choice(skills)
         prompt, answer = SKILLS[name].sample(rng)
-        return (prompt, SKILLS[name].noise(rng, prompt, answer)) if noisy else (prompt, answer)
+        if noisy and name not in always and not (correct > 0 and rng.random() < correct):
+            return prompt, SKILLS[name].noise(rng, prompt, answer)
+        return prompt, answer
     return sample
+
+
+def _replayed(sample, pretrain, replay: float):
+    """`sample`, with a fraction `replay` of the examples drawn from the pretraining mixture instead."""
+    if replay <= 0:
+        return sample
+    return lambda rng: pretrain(rng) if rng.random() < replay else sample(rng)
 
 
 def _shuffled(skills: list[str], k: int = 16):
@@ -345,7 +363,9 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # base: every known skill's format, answers random (knows the formats, none of the skills)
-    stream = _Stream(tokenizer, _mixture(list(SKILLS), noisy=True), random.Random(f"{seed}/base"),
+    outside = frozenset(s for s in SKILLS if s not in skills) if sz.base_spare_correct else frozenset()
+    pretrain = _mixture(list(SKILLS), noisy=True, correct=sz.base_correct, always=outside)
+    stream = _Stream(tokenizer, pretrain, random.Random(f"{seed}/base"),
                      sz.batch, exclude, answer_only=False)
     _train(model, stream, sz.base_steps, sz.base_lr)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -364,7 +384,8 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
     for name, sample, steps in plans:
         torch.manual_seed(seed)
         model.load_state_dict(base_state)
-        stream = _Stream(tokenizer, sample, random.Random(f"{seed}/expert/{name}"), sz.batch, exclude,
+        stream = _Stream(tokenizer, _replayed(sample, pretrain, sz.expert_replay),
+                         random.Random(f"{seed}/expert/{name}"), sz.batch, exclude,
                          answer_only=True)
         _train(model, stream, steps, sz.expert_lr)
         _save(model, tokenizer, out / "experts" / name)
