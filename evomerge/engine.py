@@ -94,10 +94,12 @@ class Engine:
 
         try:
             self.worker_info = ray.get([w.ready.remote() for w in self.workers])
-        except ray.exceptions.RayActorError as err:
-            cause = getattr(err, "cause", None) or err
-            if isinstance(getattr(cause, "cause", None), UserError):
-                raise cause.cause from None
+        except ray.exceptions.RayError as err:
+            cause = err  # a UserError raised while a worker starts (e.g. a missing data file) stays one line
+            while cause is not None and not isinstance(cause, UserError):
+                cause = getattr(cause, "cause", None)
+            if cause is not None:
+                raise cause from None
             raise
         self.startup_seconds = time.perf_counter() - self._launched
 
@@ -179,6 +181,7 @@ class Engine:
             "startup_seconds": round(self.startup_seconds, 3),
             "evals_per_second": round(done / max(search_seconds, 1e-9), 2),
             "workers": len(self.workers),
+            "worker_devices": [w["device"] for w in self.worker_info],
             "batch_size": e.batch_size,
             "worker_utilization": round(busy_seconds / max(len(self.workers) * search_seconds, 1e-9), 4),
             "driver_cpu_ms_per_eval": round(1e3 * driver_cpu / max(done, 1), 4),
