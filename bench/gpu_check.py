@@ -54,11 +54,12 @@ def family_check(tmp: Path) -> dict:
         xs = np.random.default_rng(0).uniform(w.space.lower, w.space.upper, size=(6, dim)).astype(np.float32)
         w.evaluate(xs[:1])  # warm-up
         t0 = time.perf_counter()
-        ev, seconds, _ = w.evaluate(xs)
-        report[device] = {"worker_device": w.ready()["device"], "seconds_per_candidate": seconds / len(xs),
-                          "fitness": [round(float(f), 4) for f in ev.fitness],
+        out = w.evaluate(xs)
+        assert not any(out["errors"]), out["errors"]
+        report[device] = {"worker_device": w.ready()["device"], "seconds_per_candidate": out["seconds"] / len(xs),
+                          "fitness": [round(float(f), 4) for f in out["fitness"]],
                           "holdout": w.holdout(xs[0])}
-        scores[device] = ev.scores
+        scores[device] = out["scores"]
         if device == "cuda":
             p = next(w.runtime.model.parameters())
             report[device]["resident_param_device"] = str(p.device)

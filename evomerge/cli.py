@@ -17,7 +17,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Search for model merges: evolve merge coefficients with a strategy while Ray "
                     "workers score each candidate.",
         epilog="example: python run.py --config configs/quickstart.yaml --set strategy.alpha=0.5")
-    p.add_argument("--config", required=True, metavar="YAML", help="run config (see configs/)")
+    p.add_argument("--config", metavar="YAML", help="run config (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted or finished run (with --set budget.* to extend its budget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set budget.max_evals=500 (repeatable)")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<config>-<time>); must be new")
@@ -51,6 +53,8 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .spaces import build_space
 
+    if not args.config:
+        raise UserError("--dry-run needs --config YAML")
     cfg = load_config(args.config, args.set)
     space = build_space(cfg.space, cfg.seed)
     info = space.describe()
@@ -77,20 +81,37 @@ def default_out(config: str) -> Path:
     return out
 
 
+RESUMABLE_SETS = ("budget.", "engine.address=", "progress_every_s=")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
 
     from populations import STRATEGIES, SpaceInfo, build_strategy
 
-    from .config import load_config, to_yaml
+    from .config import apply_sets, load_config, read_yaml, to_yaml, validate
     from .engine import Engine, RayCluster
     from .rundir import RunDir, check_new
     from .spaces import build_space
 
-    cfg = load_config(args.config, args.set)
-    out = Path(args.out) if args.out else default_out(args.config)
-    check_new(out)
+    if args.resume:
+        if args.config or args.out:
+            raise UserError("--resume: the run directory holds its config; drop --config and --out")
+        for item in args.set:
+            if not item.startswith(RESUMABLE_SETS):
+                raise UserError(f"--set {item}: a resumed run may change only budget.*, engine.address "
+                                "and progress_every_s")
+        out = Path(args.resume)
+        run = RunDir.open(out)
+        cfg = validate(apply_sets(read_yaml(out / "config.yaml"), args.set))
+    else:
+        if not args.config:
+            raise UserError("give --config YAML (a new run) or --resume RUN_DIR")
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out) if args.out else default_out(args.config)
+        check_new(out)
+        run = None
     space = build_space(cfg.space, cfg.seed)
     STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
     engine = Engine(cfg, space, progress=not args.no_progress)
@@ -105,10 +126,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
                              upper=space.upper, random_seeds=space.random_seeds)
             engine.strategy = build_strategy(cfg.strategy, info, cfg.seed)
+            if run is not None:
+                replayed = engine.restore(run)
+                print(f"resuming {out}: {engine.counts['told']} evaluations done "
+                      f"({replayed} journal entries replayed)", file=sys.stderr)
+                if args.set:
+                    run.write_config(to_yaml(cfg))
             engine.wait_workers()
-            run = RunDir.create(out, to_yaml(cfg))
+            if run is None:
+                run = RunDir.create(out, to_yaml(cfg))
             try:
-                summary = engine.run(run)
+                with _stop_on_signals(engine):
+                    summary = engine.run(run)
                 summary["total_seconds"] = round(time.perf_counter() - t_start, 3)
                 run.write_summary(summary)
             finally:
@@ -118,10 +147,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"stopped by {summary['stop_reason']} after {summary['evaluations']} evaluations in "
           f"{summary['search_seconds']:.1f} s of search ({summary['evals_per_second']:.0f} evals/s, "
           f"start-up {summary['startup_seconds']:.1f} s)")
+    if summary["failed"]:
+        print(f"{summary['failed']} evaluations failed; last: {summary.get('last_failure')}")
     if best:
         print(f"best fitness {best['fitness']:.4f} (eval {best['eval_id']}); held-out: "
               + json.dumps(best["holdout"]))
+    if summary["stop_reason"] == "interrupted":
+        print(f"interrupted; continue with: python run.py --resume {out}", file=sys.stderr)
+        return 130
+    if summary["stop_reason"] == "too_many_failures":
+        print(f"error: stopped: {summary['failed']} of {summary['evaluations']} evaluations failed (more than "
+              f"engine.max_failure_fraction={cfg.engine.max_failure_fraction}); last: {summary.get('last_failure')}; "
+              f"fix the fitness, then: python run.py --resume {out}", file=sys.stderr)
+        return 1
     return 0
+
+
+class _stop_on_signals:
+    """Ctrl-C or SIGTERM: stop dispatching, checkpoint and shut down cleanly; a second one aborts."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def _handle(self, signum, frame):
+        if self.engine.stop_requested:
+            raise KeyboardInterrupt
+        self.engine.stop_requested = "interrupted"
+        print("\nstopping: writing a checkpoint (press Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:

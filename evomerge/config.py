@@ -42,6 +42,24 @@ class EngineConfig(Frozen):
                                                           "the worker's resident model lives on its GPU")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads in each worker; "
                                                                    "default the reserved CPUs")
+    deterministic: bool = Field(False, description="tell results in submission order, so a run (resumed or "
+                                                   "not, with or without worker failures) is a function of "
+                                                   "its config and seed; costs idle time behind stragglers")
+    eval_timeout_s: float | None = Field(None, gt=0, description="an evaluation running longer fails (its worker is "
+                                                                 "replaced); a batch of k gets k times this")
+    max_retries: int = Field(2, ge=0, description="re-dispatches of a candidate whose evaluation raised, "
+                                                  "timed out or lost its worker, before it is logged as failed")
+    failure_penalty: float | None = Field(None, description="fitness told to the strategy for a failed "
+                                                            "evaluation (default: the worst possible)")
+    max_failure_fraction: float = Field(0.5, ge=0, le=1, description="stop the run when more than this fraction "
+                                                                      "of evaluations failed (checked from 10 failures)")
+    max_worker_replacements: int = Field(100, ge=0, description="stop the run when workers died or hung more "
+                                                                "often than this (e.g. a worker that cannot start)")
+    cache_size: int = Field(1024, ge=0, description="recent results kept to serve duplicate candidates "
+                                                    "(same recipe) without evaluating them again")
+    checkpoint_every_s: float = Field(30.0, gt=0, description="seconds between checkpoints (the journal "
+                                                             "between them keeps every evaluation)")
+    checkpoint_every_evals: int | None = Field(None, ge=1, description="also checkpoint after this many evaluations")
 
 
 class BudgetConfig(Frozen):

@@ -1,6 +1,12 @@
-"""The Ray-distributed search loop: ask -> dispatch batches to worker actors -> ray.wait -> tell -> log."""
+"""The Ray-distributed search loop: ask -> dispatch batches to worker actors -> ray.wait -> tell -> log.
+
+Also: checkpoints and a journal (resume), worker replacement and retries (failures), an evaluation
+cache (duplicates), and a deterministic mode (told in submission order).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import resource
@@ -8,14 +14,17 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from populations import Result, Strategy
+from populations import Candidate, Result, Strategy
 
 from .config import EngineConfig, RunConfig
 from .errors import UserError
+from .journal import Journal, pack_scores, read_checkpoint, repair_jsonl, unpack_scores, write_checkpoint
 from .progress import Progress
 from .rundir import RunDir
 from .space import SearchSpace
@@ -62,7 +71,56 @@ class RayCluster:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+@dataclass(eq=False)
+class Job:
+    """One candidate from ask to tell. `result` is set once its evaluation (or a cached one) is known."""
+
+    id: int
+    group: int
+    cand: Candidate
+    key: str
+    recipe: dict | None
+    attempts: int = 0  # failed attempts so far
+    isolate: bool = False  # dispatched alone (after a failure inside a batch)
+    result: dict | None = None  # fitness, metrics, failed, error, worker, seconds, cached_from
+    scores: np.ndarray | None = None
+    followers: list = field(default_factory=list)  # duplicates waiting for this evaluation
+
+
+@dataclass(eq=False)
+class Task:
+    """One call to a worker: a batch of jobs."""
+
+    worker: int
+    gen: int
+    jobs: list[Job]
+    sent: float
+    ref: object = None
+
+
+def candidate_key(x: np.ndarray, recipe: dict | None) -> str:
+    """Identity of a candidate: its recipe where the space has one, else its vector's bytes."""
+    h = hashlib.blake2b(digest_size=12)
+    if recipe is not None:
+        h.update(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode())
+    else:
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+MIN_FAILURES_TO_STOP = 10
+
+
 class Engine:
+    """Asks the strategy, dispatches batches to worker actors, tells results, logs and checkpoints.
+
+    Steady-state strategies are asked whenever a worker slot frees up, so no worker waits for a
+    slower peer. With `engine.deterministic`, results are told in submission order, one ask-group at
+    a time, and the strategy is asked only while fewer than workers x queue_depth x batch_size
+    candidates are outstanding: the sequence of asks and tells, hence the whole run, depends only
+    on the config and the seed, whatever the timing, worker failures or resumes.
+    """
+
     def __init__(self, cfg: RunConfig, space: SearchSpace, strategy: Strategy | None = None,
                  progress: bool = True):
         self.cfg = cfg
@@ -70,8 +128,37 @@ class Engine:
         self.strategy = strategy
         self.show_progress = progress
         self.workers: list = []
+        self.worker_info: list[dict] = []
         self.startup_seconds = 0.0
+        self.stop_requested: str | None = None  # set from a signal handler: "interrupted"
+        e = cfg.engine
+        self.window = e.workers * e.queue_depth * e.batch_size
+        # the search state (checkpointed)
+        self.next_id = 0
+        self.next_group = 0
+        self.groups: OrderedDict[int, list[Job]] = OrderedDict()  # asked, not yet told, by ask
+        self.jobs: dict[int, Job] = {}
+        self.counts = {"told": 0, "failed": 0, "cached": 0, "retried": 0, "worker_replacements": 0,
+                       "timeouts": 0}
+        self.busy_seconds = 0.0
+        self.elapsed_before = 0.0  # search seconds of earlier sessions of this run
+        self.sessions = 0
+        self.best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
+        self.cache: OrderedDict[str, tuple[dict, np.ndarray | None]] = OrderedDict()
+        self.stop_reason: str | None = None
+        self.last_failure: str | None = None
+        # live only
+        self.queue: deque[Job] = deque()
+        self.leaders: dict[str, Job] = {}
+        self.ready: list[Job] = []  # known, not yet told (steady-state mode)
+        self.inflight: dict = {}
+        self.aux: dict = {}
+        self.logged: set[int] = set()  # ids already in evals.jsonl (while resuming)
+        self.replaying = False
+        self.journal: Journal | None = None
+        self.journal_no = 0
 
+    # workers ----------------------------------------------------------------------------
     def launch_workers(self) -> None:
         """Create the worker actors; they start in the background (see wait_workers)."""
         import ray
@@ -84,10 +171,14 @@ class Engine:
             print("warning: engine.gpus_per_worker is set but Ray sees no GPU: the workers run on CPU",
                   file=sys.stderr)
             gpus = 0
-        remote = ray.remote(FitnessWorker).options(num_cpus=e.cpus_per_worker, num_gpus=gpus,
-                                                   max_concurrency=1)
-        self.workers = [remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, threads)
-                        for i in range(e.workers)]
+        self._remote = ray.remote(FitnessWorker).options(num_cpus=e.cpus_per_worker, num_gpus=gpus,
+                                                         max_concurrency=1, max_restarts=0)
+        self._threads = threads
+        self.workers = [self._new_worker(i) for i in range(e.workers)]
+        self.gen = [0] * e.workers
+
+    def _new_worker(self, i: int):
+        return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads)
 
     def wait_workers(self) -> None:
         import ray
@@ -95,106 +186,494 @@ class Engine:
         try:
             self.worker_info = ray.get([w.ready.remote() for w in self.workers])
         except ray.exceptions.RayError as err:
-            cause = err  # a UserError raised while a worker starts (e.g. a missing data file) stays one line
-            while cause is not None and not isinstance(cause, UserError):
-                cause = getattr(cause, "cause", None)
-            if cause is not None:
-                raise cause from None
-            raise
+            raise _user_cause(err) from None
         self.startup_seconds = time.perf_counter() - self._launched
+
+    def _replace_worker(self, w: int, reason: str) -> None:
+        """Worker w died or hung: a new actor takes its place; its batches go back to the queue.
+
+        The candidates of the batch it was running are re-sent one per call, so that the one that
+        killed it is found: a candidate alone in its call counts a failed attempt. Batches queued
+        behind it are re-sent as they were.
+        """
+        import ray
+
+        tasks = self.worker_tasks[w]
+        self.worker_tasks[w] = deque()
+        back: list[Job] = []
+        for i, t in enumerate(tasks):
+            self.inflight.pop(t.ref, None)
+            for job in t.jobs:
+                if i == 0 and len(t.jobs) == 1:
+                    self._retry_or_fail(job, reason)
+                elif i == 0:
+                    job.isolate = True
+                    back.append(job)
+                else:
+                    back.append(job)
+        self.queue.extendleft(reversed(back))
+        try:
+            ray.kill(self.workers[w], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.counts["worker_replacements"] += 1
+        self.rundir.log_event({"event": "replaced", "worker": w, "reason": reason})
+        limit = self.cfg.engine.max_worker_replacements
+        if self.counts["worker_replacements"] > limit:
+            raise UserError(f"engine.max_worker_replacements: workers were replaced "
+                            f"{self.counts['worker_replacements']} times (limit {limit}); last reason: {reason}")
+        self.workers[w] = self._new_worker(w)
+        self.gen[w] += 1
+        self.slots[w] = self.cfg.engine.queue_depth
+        self.worker_ready[w] = False
+        self.aux[self.workers[w].ready.remote()] = (w, self.gen[w])
+
+    # state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        jobs = [{"id": j.id, "group": j.group, "x": j.cand.x, "step": j.cand.step, "tag": j.cand.tag,
+                 "key": j.key, "recipe": j.recipe, "attempts": j.attempts, "result": j.result,
+                 "scores": pack_scores(j.scores)} for g in self.groups.values() for j in g]
+        return {"next_id": self.next_id, "next_group": self.next_group, "jobs": jobs,
+                "counts": dict(self.counts), "busy_seconds": self.busy_seconds,
+                "elapsed": self.elapsed(), "sessions": self.sessions, "best": dict(self.best),
+                "cache": [(k, r, pack_scores(s)) for k, (r, s) in self.cache.items()],
+                "stop_reason": self.stop_reason, "last_failure": self.last_failure}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.next_id, self.next_group = st["next_id"], st["next_group"]
+        self.groups.clear()
+        self.jobs.clear()
+        for d in st["jobs"]:
+            job = Job(d["id"], d["group"], Candidate(d["x"], d["step"], d["tag"]), d["key"], d["recipe"],
+                      attempts=d["attempts"], result=d["result"], scores=unpack_scores(d["scores"]))
+            self.groups.setdefault(job.group, []).append(job)
+            self.jobs[job.id] = job
+        self.counts.update(st["counts"])
+        self.busy_seconds = st["busy_seconds"]
+        self.elapsed_before = st["elapsed"]
+        self.sessions = st["sessions"]
+        self.best = st["best"]
+        self.cache = OrderedDict((k, (r, unpack_scores(s))) for k, r, s in st["cache"])
+        self.stop_reason = st["stop_reason"]
+        self.last_failure = st["last_failure"]
+
+    def restore(self, rundir: RunDir) -> int:
+        """Load the run's checkpoint and replay its journal; returns the number of replayed operations.
+
+        Told evaluations missing from evals.jsonl (the driver died between journal and log) are logged.
+        """
+        self.rundir = rundir
+        run = rundir.path
+        ckpt = read_checkpoint(run)
+        self.strategy.load_state_dict(ckpt["strategy"])
+        self.load_state_dict(ckpt["engine"])
+        self.journal_no = ckpt["journal_no"]
+        self.logged = repair_jsonl(run / "evals.jsonl")
+        ops = Journal.read(run / journal_name(self.journal_no))
+        self.replaying = True
+        try:
+            for op in ops:
+                if op[0] == "ask":
+                    _, n, first, keys = op
+                    got = self._ask(n)
+                    if self.next_id - got != first or [j.key for j in self.groups[self.next_group - 1]] != keys:
+                        raise UserError(f"--resume {run}: the strategy does not repeat its logged candidates "
+                                        f"(ask at eval {first}); the run cannot be resumed exactly")
+                else:
+                    jobs = []
+                    for record, packed in op[1]:
+                        job = self.jobs[record["id"]]
+                        job.result = {k: record.get(k) for k in _RESULT_KEYS}
+                        job.result["failed"] = bool(record.get("failed"))
+                        job.scores = unpack_scores(packed)
+                        jobs.append(job)
+                    self._tell(jobs)
+        finally:
+            self.replaying = False
+        self.logged = set()
+        self.stop_reason = None  # a resumed run decides again (the budget may have been raised)
+        return len(ops)
+
+    def _checkpoint(self) -> None:
+        old = self.journal
+        self.journal_no += 1
+        write_checkpoint(self.rundir.path, {"version": 1, "journal_no": self.journal_no,
+                                            "strategy": self.strategy.state_dict(), "engine": self.state_dict()})
+        self.journal = Journal(self.rundir.path / journal_name(self.journal_no))
+        if old is not None:
+            old.close()
+            old.path.unlink(missing_ok=True)
+        self.last_checkpoint = (time.perf_counter(), self.counts["told"])
+
+    def elapsed(self) -> float:
+        live = time.perf_counter() - self.session_start if getattr(self, "session_start", None) else 0.0
+        return self.elapsed_before + live
+
+    # ask -> route -> dispatch -----------------------------------------------------------
+    def _ask(self, n: int) -> int:
+        cands = self.strategy.ask(n)
+        if not cands:
+            return 0
+        g, first = self.next_group, self.next_id
+        jobs = []
+        for i, c in enumerate(cands):
+            recipe = self.space.recipe(c.x)
+            jobs.append(Job(first + i, g, c, candidate_key(c.x, recipe), recipe))
+        self.next_group += 1
+        self.next_id += len(jobs)
+        self.groups[g] = jobs
+        for j in jobs:
+            self.jobs[j.id] = j
+        if not self.replaying:
+            self.journal.append(("ask", n, first, [j.key for j in jobs]))
+            for j in jobs:
+                self._route(j)
+        return len(jobs)
+
+    def _route(self, job: Job) -> None:
+        """Serve a duplicate from the cache or from the same candidate in flight, else queue it."""
+        hit = self.cache.get(job.key)
+        if hit is not None:
+            self.cache.move_to_end(job.key)
+            record, scores = hit
+            self._resolve(job, {**record, "cached_from": record["id"], "worker": None, "seconds": 0.0}, scores)
+        elif job.key in self.leaders:
+            self.leaders[job.key].followers.append(job)
+        else:
+            self.leaders[job.key] = job
+            self.queue.append(job)
+
+    def _fill(self) -> None:
+        e, budget = self.cfg.engine, self.cfg.budget
+        while self.stop_reason is None:
+            if budget.max_evals is not None and self.next_id >= budget.max_evals:
+                self.stop_reason = "max_evals"
+            elif budget.max_seconds is not None and self.elapsed() >= budget.max_seconds:
+                self.stop_reason = "max_seconds"
+            elif self.strategy.done:
+                self.stop_reason = "strategy_done"
+            if self.stop_reason:
+                return
+            if e.deterministic:
+                room = self.window - len(self.jobs)
+            else:
+                room = sum(self.slots) * e.batch_size - len(self.queue)
+            if room <= 0:
+                return
+            n = min(e.batch_size, room)
+            if budget.max_evals is not None:
+                n = min(n, budget.max_evals - self.next_id)
+            if self._ask(n) == 0:
+                return
+
+    def _dispatch(self) -> None:
+        e = self.cfg.engine
+        while self.queue:
+            w = max(range(len(self.workers)), key=self.slots.__getitem__)
+            if self.slots[w] <= 0:
+                return
+            jobs = [self.queue.popleft()]
+            if not jobs[0].isolate:
+                while self.queue and len(jobs) < e.batch_size and not self.queue[0].isolate:
+                    jobs.append(self.queue.popleft())
+            task = Task(w, self.gen[w], jobs, time.perf_counter())
+            task.ref = self.workers[w].evaluate.remote(np.stack([j.cand.x for j in jobs]))
+            self.inflight[task.ref] = task
+            self.worker_tasks[w].append(task)
+            self.slots[w] -= 1
+
+    # results ----------------------------------------------------------------------------
+    def _resolve(self, job: Job, result: dict, scores) -> None:
+        job.result, job.scores = result, scores
+        if self.leaders.get(job.key) is job:
+            del self.leaders[job.key]
+        if not self.cfg.engine.deterministic:
+            self.ready.append(job)
+        for f in job.followers:
+            self._resolve(f, {**result, "cached_from": job.id, "worker": None, "seconds": 0.0}, scores)
+        job.followers = []
+        if result.get("cached_from") is None and self.cfg.engine.cache_size:
+            self.cache[job.key] = ({**result, "id": job.id}, scores)
+            while len(self.cache) > self.cfg.engine.cache_size:
+                self.cache.popitem(last=False)
+
+    def _retry_or_fail(self, job: Job, reason: str) -> None:
+        job.attempts += 1
+        if job.attempts > self.cfg.engine.max_retries:
+            self._resolve(job, {"fitness": None, "metrics": {}, "failed": True, "error": reason,
+                                "worker": None, "seconds": None, "cached_from": None}, None)
+        else:
+            self.counts["retried"] += 1
+            job.isolate = True
+            self.queue.appendleft(job)
+
+    def _on_task(self, task: Task, out: dict) -> None:
+        w = task.worker
+        self.worker_tasks[w].remove(task)
+        self.slots[w] += 1
+        self.worker_done_at[w] = time.perf_counter()
+        self.busy_seconds += out["seconds"]
+        per = out["seconds"] / len(task.jobs)
+        for j, job in enumerate(task.jobs):
+            err = out["errors"][j]
+            if err is not None:
+                self._retry_or_fail(job, err)
+                continue
+            fit = float(out["fitness"][j])
+            metrics = {k: float(v[j]) for k, v in out["metrics"].items()}
+            scores = None if out["scores"] is None else out["scores"][j]
+            result = {"fitness": fit, "metrics": metrics, "failed": False, "error": None, "worker": w,
+                      "seconds": round(per, 6), "cached_from": None}
+            if not np.isfinite(fit):
+                result.update(fitness=None, failed=True, error=f"fitness is {fit}")
+            self._resolve(job, result, scores)
+
+    def _tell_ready(self) -> None:
+        if self.cfg.engine.deterministic:
+            while self.groups and self.stop_reason != "too_many_failures":
+                jobs = next(iter(self.groups.values()))
+                if any(j.result is None for j in jobs):
+                    return
+                self._tell(jobs)
+                self._fill()  # asks happen at the same points of the sequence in every run
+        elif self.ready:
+            jobs, self.ready = sorted(self.ready, key=lambda j: j.id), []
+            self._tell(jobs)
+
+    def _tell(self, jobs: list[Job]) -> None:
+        jobs = list(jobs)  # may be a group itself, which shrinks below
+        penalty = self.cfg.engine.failure_penalty
+        records, results = [], []
+        for job in jobs:
+            r = job.result
+            record = {"id": job.id, "step": job.cand.step, "key": job.key}
+            if r["failed"]:
+                record.update(failed=True, error=r["error"], fitness=None)
+            else:
+                record.update(fitness=r["fitness"], metrics=r["metrics"])
+            record.update(worker=r["worker"], seconds=r["seconds"])
+            if job.attempts:
+                record["attempts"] = job.attempts + (0 if r["failed"] else 1)
+            if r.get("cached_from") is not None:
+                record["cached_from"] = r["cached_from"]
+            if job.recipe is not None:
+                record["recipe"] = job.recipe
+            records.append(record)
+            told = (penalty if penalty is not None else -np.inf) if r["failed"] else r["fitness"]
+            results.append(Result(job.cand, told, job.scores, r["metrics"] if not r["failed"] else {},
+                                  failed=r["failed"]))
+        if not self.replaying:
+            self.journal.append(("tell", [(rec, pack_scores(j.scores)) for rec, j in zip(records, jobs)]))
+        self.strategy.tell(results)
+        new = [rec for rec in records if rec["id"] not in self.logged]
+        if new:
+            self.rundir.log_evals(new)
+        for job, rec in zip(jobs, records):
+            group = self.groups.get(job.group)
+            if group is not None:
+                group.remove(job)
+                if not group:
+                    del self.groups[job.group]
+            del self.jobs[job.id]
+            self.counts["told"] += 1
+            if rec.get("failed"):
+                self.counts["failed"] += 1
+                self.last_failure = f"eval {job.id}: {rec['error']}"
+            else:
+                if rec.get("cached_from") is not None:
+                    self.counts["cached"] += 1
+                if rec["fitness"] > self.best["fitness"]:
+                    self.best = {"fitness": rec["fitness"], "id": job.id, "x": job.cand.x,
+                                 "metrics": rec["metrics"]}
+        c = self.counts
+        if c["failed"] >= MIN_FAILURES_TO_STOP and c["failed"] > self.cfg.engine.max_failure_fraction * c["told"]:
+            self.stop_reason = "too_many_failures"
+
+    # the loop ---------------------------------------------------------------------------
+    def _wait(self) -> None:
+        import ray
+
+        timeout = min(self.cfg.progress_every_s, 1.0)
+        e = self.cfg.engine
+        now = time.perf_counter()
+        if e.eval_timeout_s:
+            for w, tasks in enumerate(self.worker_tasks):
+                if tasks and self.worker_ready[w]:
+                    t = tasks[0]
+                    left = max(t.sent, self.worker_done_at[w]) + e.eval_timeout_s * len(t.jobs) - now
+                    if left <= 0:
+                        self.counts["timeouts"] += 1
+                        self._replace_worker(w, f"timeout: no result after {e.eval_timeout_s * len(t.jobs):g} s")
+                        return
+                    timeout = min(timeout, left + 0.01)
+        refs = list(self.inflight) + list(self.aux)
+        if not refs:
+            time.sleep(0.01)
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:
+            more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            ready = more or ready
+        for ref in ready:
+            if ref in self.aux:
+                w, gen = self.aux.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    if gen == self.gen[w]:
+                        self._replace_worker(w, f"replacement worker died while starting: {_first_line(err)}")
+                    continue
+                except ray.exceptions.RayError as err:
+                    raise _user_cause(err) from None
+                if gen == self.gen[w]:
+                    self.worker_ready[w] = True
+                    self.worker_done_at[w] = time.perf_counter()
+                    self.worker_info[w] = info
+                    self.rundir.log_event({"event": "started", **info})
+                continue
+            task = self.inflight.pop(ref, None)
+            if task is None or task.gen != self.gen[task.worker]:
+                continue
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self._replace_worker(task.worker, f"worker {task.worker} died: {_first_line(err)}")
+                continue
+            except ray.exceptions.RayTaskError as err:
+                out = {"errors": [f"worker error: {_first_line(err)}"] * len(task.jobs), "seconds": 0.0}
+            self._on_task(task, out)
 
     def run(self, rundir: RunDir) -> dict:
         import ray
 
-        e, budget = self.cfg.engine, self.cfg.budget
-        strategy = self.strategy
-        max_evals = budget.max_evals
-        progress = Progress(max_evals, self.cfg.progress_every_s, enabled=self.show_progress)
-        free = deque(w for _ in range(e.queue_depth) for w in range(len(self.workers)))
-        inflight: dict = {}
-        submitted = done = 0
-        busy_seconds = 0.0
-        best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
-        stop_reason = None
-        start = time.perf_counter()
+        e = self.cfg.engine
+        self.rundir = rundir
+        self.sessions += 1
+        self.slots = [e.queue_depth] * len(self.workers)
+        self.worker_tasks = [deque() for _ in self.workers]
+        self.worker_ready = [True] * len(self.workers)
+        self.worker_done_at = [time.perf_counter()] * len(self.workers)
+        for info in self.worker_info:
+            rundir.log_event({"event": "started", **info})
+        for job in sorted(self.jobs.values(), key=lambda j: j.id):  # resumed: results still owed
+            if job.result is None:
+                self._route(job)
+            elif not e.deterministic:
+                self.ready.append(job)
+        told_at_start = self.counts["told"]
+        progress = Progress(self.cfg.budget.max_evals, self.cfg.progress_every_s, enabled=self.show_progress)
+        self.session_start = time.perf_counter()
         cpu_start = time.process_time()
-
+        self._checkpoint()
+        every_s, every_n = e.checkpoint_every_s, e.checkpoint_every_evals
         while True:
-            elapsed = time.perf_counter() - start
-            while free and stop_reason is None:
-                if max_evals is not None and submitted >= max_evals:
-                    stop_reason = "max_evals"
-                elif budget.max_seconds is not None and elapsed >= budget.max_seconds:
-                    stop_reason = "max_seconds"
-                elif strategy.done:
-                    stop_reason = "strategy_done"
-                if stop_reason:
-                    break
-                n = e.batch_size if max_evals is None else min(e.batch_size, max_evals - submitted)
-                cands = strategy.ask(n)
-                if not cands:
-                    break  # the strategy waits for results in flight
-                ids = range(submitted, submitted + len(cands))
-                w = free.popleft()
-                ref = self.workers[w].evaluate.remote(np.stack([c.x for c in cands]))
-                inflight[ref] = (cands, ids)
-                submitted += len(cands)
-            if not inflight:
-                if stop_reason is None:
-                    stop_reason = "strategy_exhausted"  # asked nothing and awaits nothing
+            if self.stop_requested:
+                self.stop_reason = self.stop_requested
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.cfg.progress_every_s)
-            for ref in ready:
-                cands, ids = inflight.pop(ref)
-                ev, seconds, widx = ray.get(ref)
-                free.append(widx)
-                busy_seconds += seconds
-                per_eval = seconds / len(cands)
-                results, records = [], []
-                for j, (c, eid) in enumerate(zip(cands, ids)):
-                    fit = float(ev.fitness[j])
-                    metrics = {k: float(v[j]) for k, v in ev.metrics.items()}
-                    results.append(Result(c, fit, None if ev.scores is None else ev.scores[j], metrics))
-                    record = {"id": eid, "step": c.step, "fitness": fit, "metrics": metrics,
-                              "worker": widx, "seconds": round(per_eval, 6)}
-                    recipe = self.space.recipe(c.x)
-                    if recipe is not None:
-                        record["recipe"] = recipe
-                    records.append(record)
-                    if fit > best["fitness"]:
-                        best = {"fitness": fit, "id": eid, "x": c.x, "metrics": metrics}
-                strategy.tell(results)
-                rundir.log_evals(records)
-                done += len(cands)
-            wall = time.perf_counter() - start
-            progress.update(done, best["fitness"], done / max(wall, 1e-9))
+            self._tell_ready()
+            if self.stop_reason == "too_many_failures":
+                break
+            self._fill()
+            self._tell_ready()  # cache hits are known at once
+            self._dispatch()
+            if not self.jobs:
+                if self.stop_reason is None:
+                    self.stop_reason = "strategy_exhausted"  # asked nothing and awaits nothing
+                    c = self.counts
+                    if c["failed"] and c["failed"] > self.cfg.engine.max_failure_fraction * c["told"]:
+                        self.stop_reason = "too_many_failures"  # e.g. every seed failed
+                break
+            t, n = self.last_checkpoint
+            if time.perf_counter() - t >= every_s or (every_n and self.counts["told"] - n >= every_n):
+                self._checkpoint()
+            self._wait()
+            progress.update(self.counts["told"], self.best["fitness"],
+                            (self.counts["told"] - told_at_start) / max(time.perf_counter() - self.session_start, 1e-9))
 
-        search_seconds = time.perf_counter() - start
+        session_seconds = time.perf_counter() - self.session_start
+        search_seconds = self.elapsed()
         driver_cpu = time.process_time() - cpu_start
-        progress.close(done, best["fitness"], done / max(search_seconds, 1e-9))
+        done_now = self.counts["told"] - told_at_start
+        progress.close(self.counts["told"], self.best["fitness"], done_now / max(session_seconds, 1e-9))
+        self._checkpoint()
+        self.session_start = None
+        self.elapsed_before = search_seconds
         rundir.flush()
 
+        done = self.counts["told"]
         summary = {
-            "stop_reason": stop_reason,
+            "stop_reason": self.stop_reason,
             "evaluations": done,
             "search_seconds": round(search_seconds, 3),
             "startup_seconds": round(self.startup_seconds, 3),
-            "evals_per_second": round(done / max(search_seconds, 1e-9), 2),
+            "evals_per_second": round(done_now / max(session_seconds, 1e-9), 2),
+            "sessions": self.sessions,
             "workers": len(self.workers),
-            "worker_devices": [w["device"] for w in self.worker_info],
+            "worker_devices": [w.get("device") for w in self.worker_info],
             "batch_size": e.batch_size,
-            "worker_utilization": round(busy_seconds / max(len(self.workers) * search_seconds, 1e-9), 4),
-            "driver_cpu_ms_per_eval": round(1e3 * driver_cpu / max(done, 1), 4),
+            "deterministic": e.deterministic,
+            "worker_utilization": round(self.busy_seconds / max(len(self.workers) * search_seconds, 1e-9), 4),
+            "driver_cpu_ms_per_eval": round(1e3 * driver_cpu / max(done_now, 1), 4),
             "engine_overhead_ms_per_eval": round(
-                1e3 * max(0.0, search_seconds - busy_seconds / len(self.workers)) / max(done, 1), 4),
+                1e3 * max(0.0, search_seconds - self.busy_seconds / len(self.workers)) / max(done, 1), 4),
+            "failed": self.counts["failed"],
+            "retried": self.counts["retried"],
+            "cached": self.counts["cached"],
+            "timeouts": self.counts["timeouts"],
+            "worker_replacements": self.counts["worker_replacements"],
         }
-        if best["x"] is not None:
-            holdout = ray.get(self.workers[0].holdout.remote(best["x"]))
-            summary["best"] = {"eval_id": best["id"], "fitness": best["fitness"], "metrics": best["metrics"],
-                               "holdout": holdout}
-            info = {"eval_id": best["id"], "fitness": best["fitness"], **best["metrics"], **holdout}
-            ray.get(self.workers[0].save.remote(best["x"], str(rundir.best.resolve()), info))
-        summary["strategy"] = strategy.summary()
+        if self.last_failure:
+            summary["last_failure"] = self.last_failure
+        if self.best["x"] is not None and self.stop_reason != "interrupted":
+            summary["best"] = self._save_best(rundir)
+        summary["strategy"] = self.strategy.summary()
         summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        summary["worker_peak_rss_mb"] = [round(m, 1) for m in ray.get([w.peak_rss_mb.remote() for w in self.workers])]
+        if self.stop_reason != "interrupted":
+            try:
+                summary["worker_peak_rss_mb"] = [round(m, 1) for m in
+                                                 ray.get([w.peak_rss_mb.remote() for w in self.workers])]
+            except ray.exceptions.RayError:
+                pass
         return summary
+
+    def _save_best(self, rundir: RunDir) -> dict:
+        """Held-out metrics of the best, and the best model written to best/ (replaced atomically)."""
+        import ray
+
+        best = self.best
+        for attempt in range(len(self.workers) + 1):
+            w = self.workers[attempt % len(self.workers)]
+            try:
+                holdout = ray.get(w.holdout.remote(best["x"]))
+                info = {"eval_id": best["id"], "fitness": best["fitness"], **best["metrics"], **holdout}
+                tmp = rundir.path / ".best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                ray.get(w.save.remote(best["x"], str(tmp.resolve()), info))
+                break
+            except ray.exceptions.RayActorError:
+                continue
+        else:
+            raise RuntimeError("no worker is left to save the best model")
+        shutil.rmtree(rundir.best, ignore_errors=True)
+        os.replace(tmp, rundir.best)
+        return {"eval_id": best["id"], "fitness": best["fitness"], "metrics": best["metrics"], "holdout": holdout}
+
+
+_RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from")
+
+
+def journal_name(n: int) -> str:
+    return f"journal-{n:06d}.bin"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _user_cause(err: Exception) -> Exception:
+    """A UserError raised while a worker starts (e.g. a missing data file) stays one line."""
+    cause = err
+    while cause is not None and not isinstance(cause, UserError):
+        cause = getattr(cause, "cause", None)
+    return cause if cause is not None else err

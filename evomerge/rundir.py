@@ -1,8 +1,10 @@
-"""The run directory: config.yaml, evals.jsonl (append-only), summary.json, best/."""
+"""The run directory: config.yaml, evals.jsonl (append-only), workers.jsonl (worker starts and
+replacements), checkpoint.pkl + journal-N.bin (resume), summary.json, best/."""
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from .errors import UserError
@@ -32,15 +34,37 @@ class RunDir:
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run.path / "config.yaml", config_yaml)
-        run._evals = open(run.path / "evals.jsonl", "a", buffering=1 << 16)
+        run._open()
         return run
 
+    @classmethod
+    def open(cls, path: Path) -> "RunDir":
+        """An existing run directory, to resume: evals.jsonl is appended to."""
+        run = cls(path)
+        if not (run.path / "config.yaml").is_file() or not (run.path / "checkpoint.pkl").is_file():
+            raise UserError(f"--resume {path}: not a run directory with a checkpoint "
+                            "(config.yaml and checkpoint.pkl expected)")
+        run._open()
+        return run
+
+    def _open(self) -> None:
+        self._evals = open(self.path / "evals.jsonl", "a", buffering=1 << 16)
+        self._events = open(self.path / "workers.jsonl", "a", buffering=1)
+
+    def log_event(self, event: dict) -> None:
+        self._events.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
     def log_evals(self, records: list[dict]) -> None:
+        """Append and hand to the OS at once: a killed driver loses no logged evaluation."""
         self._evals.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        self._evals.flush()
 
     def flush(self) -> None:
         if self._evals:
             self._evals.flush()
+
+    def write_config(self, config_yaml: str) -> None:
+        write_atomic(self.path / "config.yaml", config_yaml)
 
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -48,4 +72,5 @@ class RunDir:
     def close(self) -> None:
         if self._evals:
             self._evals.close()
+            self._events.close()
             self._evals = None

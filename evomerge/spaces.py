@@ -4,10 +4,12 @@ from __future__ import annotations
 from .hf_space import HFMergeSpace, HFMergeSpaceConfig
 from .schema import Frozen
 from .space import DigitsMLPSpace, DigitsMLPSpaceConfig, SearchSpace
+from .synthetic import SyntheticSpace, SyntheticSpaceConfig
 
 SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
     "digits_mlp": (DigitsMLPSpaceConfig, DigitsMLPSpace),
     "hf_merge": (HFMergeSpaceConfig, HFMergeSpace),
+    "synthetic": (SyntheticSpaceConfig, SyntheticSpace),
 }
 
 

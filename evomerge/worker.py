@@ -12,43 +12,80 @@ class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
     def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int):
-        import torch
-
         from fitness import ModelFitness, build_fitness
 
         from .spaces import build_space
 
-        torch.set_num_threads(threads)
+        # torch is imported only by what needs it (seconds saved when a worker starts or is replaced)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        self.threads = threads
+        self._torch_threads()
         self.index = index
         self.space = build_space(space_cfg, seed)
         self.fitness = build_fitness(fitness_cfg)
         self.model_based = isinstance(self.fitness, ModelFitness)
+        self._torch_threads()
         self.device = "cpu"
         if self.model_based:  # the resident model: loaded once, merged into in place per candidate
             self.runtime = self.space.open_runtime()
             self.device = str(self.runtime.device)
 
+    def _torch_threads(self) -> None:
+        import sys
+
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self.threads)
+
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": self.device}
 
-    def evaluate(self, batch: np.ndarray):
-        from fitness import BatchEvaluation
+    def evaluate(self, batch: np.ndarray) -> dict:
+        """Score a batch. An exception is caught per candidate: the others still get their scores.
 
+        Returns {"fitness": (B,), "scores": (B, n) or None, "metrics": name -> (B,),
+        "errors": [None or 'Type: message'] * B, "seconds", "worker"}.
+        """
         start = time.perf_counter()
         if not self.model_based:
-            ev = self.fitness.evaluate(batch)
+            try:
+                ev = self.fitness.evaluate(batch)
+                out = self._pack([(float(f), None if ev.scores is None else ev.scores[j],
+                                   {k: float(v[j]) for k, v in ev.metrics.items()}, None)
+                                  for j, f in enumerate(ev.fitness)])
+            except Exception:  # noqa: BLE001 - find the candidates that raise, score the rest
+                out = self._pack([self._one(x) for x in batch])
         else:
-            fits, scores, metrics = [], [], {}
-            for x in batch:
+            out = self._pack([self._one(x) for x in batch])
+        out["seconds"] = time.perf_counter() - start
+        out["worker"] = self.index
+        return out
+
+    def _one(self, x: np.ndarray) -> tuple:
+        try:
+            if self.model_based:
                 model = self.runtime.materialize(self.space.decode(x))
                 f, s, m = self.fitness.evaluate_model(model, self.runtime.tokenizer)
-                fits.append(f)
-                scores.append(s)
-                for k, v in m.items():
-                    metrics.setdefault(k, []).append(v)
-            ev = BatchEvaluation(np.asarray(fits, np.float64), np.stack(scores),
-                                 {k: np.asarray(v) for k, v in metrics.items()})
-        return ev, time.perf_counter() - start, self.index
+                return float(f), s, dict(m), None
+            ev = self.fitness.evaluate(x[None])
+            return (float(ev.fitness[0]), None if ev.scores is None else ev.scores[0],
+                    {k: float(v[0]) for k, v in ev.metrics.items()}, None)
+        except Exception as e:  # noqa: BLE001 - reported per candidate, the run goes on
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return float("nan"), None, {}, f"{type(e).__name__}: {msg}"[:500]
+
+    @staticmethod
+    def _pack(rows: list[tuple]) -> dict:
+        width = next((np.asarray(s).size for _, s, _, _ in rows if s is not None), None)
+        scores = None
+        if width is not None:
+            scores = np.zeros((len(rows), width))
+            for j, (_, s, _, _) in enumerate(rows):
+                if s is not None:
+                    scores[j] = np.asarray(s, np.float64).reshape(-1)
+        names = {k for _, _, m, _ in rows for k in m}
+        return {"fitness": np.array([r[0] for r in rows], np.float64), "scores": scores,
+                "metrics": {k: np.array([m.get(k, np.nan) for _, _, m, _ in rows]) for k in sorted(names)},
+                "errors": [r[3] for r in rows]}
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
         if not self.model_based:

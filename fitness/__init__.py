@@ -2,10 +2,12 @@
 from .base import BatchEvaluation, Fitness, ModelFitness
 from .digits import DigitsFitness, DigitsFitnessConfig
 from .lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+from .synthetic import SyntheticFitness, SyntheticFitnessConfig
 
 FITNESSES = {
     "digits": (DigitsFitnessConfig, DigitsFitness),
     "lm_tasks": (LMTasksFitnessConfig, LMTasksFitness),
+    "synthetic": (SyntheticFitnessConfig, SyntheticFitness),
 }
 
 

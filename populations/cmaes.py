@@ -113,8 +113,8 @@ class CMAES(Strategy):
 
     def tell(self, results: Sequence[Result]) -> None:
         for r in results:
-            # pycma minimises; a failed candidate gets the worst value
-            self.fitness[r.candidate.tag] = -r.fitness if not r.failed else float("inf")
+            # pycma minimises; a failed candidate gets the engine's penalty, or the worst value
+            self.fitness[r.candidate.tag] = -r.fitness if np.isfinite(r.fitness) else float("inf")
         if self.generation and all(f is not None for f in self.fitness):
             self.es.tell(self.generation, self.fitness)
             self.generation, self.fitness, self.sent = [], [], 0

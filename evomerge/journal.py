@@ -1,0 +1,115 @@
+"""A run's state on disk: an atomic checkpoint plus a write-ahead journal of what happened since.
+
+The checkpoint (``checkpoint.pkl``, written to a temporary file, fsynced, then renamed) holds the
+strategy's state, the engine's state (candidates asked and not yet told, counters, best so far) and
+the evaluation cache. Between checkpoints every strategy call is appended to the journal named by the
+checkpoint: ``("ask", n, first_id, keys)`` and ``("tell", [(record, packed scores), ...])``. A strategy is
+a deterministic function of its calls, so replaying the journal on top of the checkpoint rebuilds the
+exact state of the moment the driver died, and nothing already evaluated runs or is logged again.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+CHECKPOINT = "checkpoint.pkl"
+_LEN = struct.Struct("<Q")
+
+
+def pack_scores(s: np.ndarray | None):
+    """Per-example scores, compact and exact: bits when all are 0/1, float32 when lossless."""
+    if s is None:
+        return None
+    s = np.asarray(s).reshape(-1)
+    if s.dtype != np.bool_ and np.all((s == 0) | (s == 1)):
+        return ("bits", s.size, np.packbits(s.astype(np.uint8)).tobytes())
+    if s.dtype == np.float64 and np.array_equal(s.astype(np.float32).astype(np.float64), s):
+        return ("f32", s.size, s.astype(np.float32).tobytes())
+    return ("raw", str(s.dtype), s.tobytes())
+
+
+def unpack_scores(p) -> np.ndarray | None:
+    if p is None:
+        return None
+    kind, meta, data = p
+    if kind == "bits":
+        return np.unpackbits(np.frombuffer(data, np.uint8))[:meta].astype(np.float64)
+    if kind == "f32":
+        return np.frombuffer(data, np.float32).astype(np.float64)
+    return np.frombuffer(data, np.dtype(meta)).copy()
+
+
+class Journal:
+    """Append-only length-prefixed pickles; each append reaches the OS before it returns."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "ab")
+
+    def append(self, op: tuple) -> None:
+        data = pickle.dumps(op, protocol=pickle.HIGHEST_PROTOCOL)
+        self._f.write(_LEN.pack(len(data)) + data)
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def read(path: Path) -> list[tuple]:
+        """Every complete entry; a torn last entry (the driver died while writing it) is cut off."""
+        path = Path(path)
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        ops, pos = [], 0
+        while pos + _LEN.size <= len(data):
+            (n,) = _LEN.unpack_from(data, pos)
+            if pos + _LEN.size + n > len(data):
+                break
+            try:
+                ops.append(pickle.loads(data[pos + _LEN.size:pos + _LEN.size + n]))
+            except Exception:  # noqa: BLE001 - a torn entry
+                break
+            pos += _LEN.size + n
+        if pos < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+        return ops
+
+
+def write_checkpoint(run: Path, state: dict) -> None:
+    path = Path(run) / CHECKPOINT
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(run: Path) -> dict:
+    with open(Path(run) / CHECKPOINT, "rb") as f:
+        return pickle.load(f)
+
+
+def repair_jsonl(path: Path) -> set[int]:
+    """Cut a torn last line off `path` (append-only JSON lines) and return the ids it holds."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    ids = set()
+    for line in data[:end].splitlines():
+        if line.strip():
+            ids.add(json.loads(line)["id"])
+    return ids

@@ -1,0 +1,74 @@
+"""A synthetic fitness with a chosen cost and chosen faults, for engine tests and benchmarks.
+
+Per-example scores: exp(-|x - c_i|^2 / dim) for `n_examples` fixed random centres c_i; the fitness
+is their mean. Each evaluation sleeps a log-normal time (median `delay_ms`, shape `delay_sigma`).
+Faults are drawn per candidate from a hash of its vector (the same candidate always fails the
+same way) except `flaky_rate`, drawn afresh at every attempt.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from evomerge.schema import Frozen
+
+from .base import BatchEvaluation, Fitness
+
+
+class SyntheticFitnessConfig(Frozen):
+    name: Literal["synthetic"]
+    n_examples: int = Field(32, ge=1, description="per-example scores per evaluation")
+    delay_ms: float = Field(0.0, ge=0, description="median seconds x 1e3 each evaluation sleeps (0: none)")
+    delay_sigma: float = Field(0.0, ge=0, description="sigma of the log-normal sleep (0: always the median)")
+    fail_rate: float = Field(0.0, ge=0, le=1, description="share of candidates whose evaluation raises")
+    nan_rate: float = Field(0.0, ge=0, le=1, description="share of candidates scored NaN")
+    hang_rate: float = Field(0.0, ge=0, le=1, description="share of candidates that sleep hang_s")
+    hang_s: float = Field(3600.0, gt=0, description="how long a hanging evaluation sleeps")
+    crash_rate: float = Field(0.0, ge=0, le=1, description="share of candidates that kill their worker process")
+    flaky_rate: float = Field(0.0, ge=0, le=1, description="chance that any attempt raises (transient)")
+
+
+class SyntheticFitness(Fitness):
+    spaces = ("synthetic",)
+
+    def __init__(self, cfg: SyntheticFitnessConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng()  # sleeps and flaky faults: fresh in every process
+        self.centres = None
+
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        if self.centres is None or self.centres.shape[1] != x.size:
+            self.centres = np.random.default_rng(1234).uniform(-1, 1, (self.cfg.n_examples, x.size))
+        d = ((self.centres - np.asarray(x, np.float64)) ** 2).sum(axis=1) / x.size
+        return np.exp(-d)
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        u = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).digest(), "little") / 2**64
+        if c.delay_ms:
+            time.sleep(c.delay_ms / 1e3 * float(np.exp(c.delay_sigma * self.rng.standard_normal())))
+        edges = np.cumsum([c.fail_rate, c.nan_rate, c.hang_rate, c.crash_rate])
+        if u < edges[0]:
+            raise ValueError("synthetic failure (fail_rate)")
+        if u < edges[1]:
+            return np.full(c.n_examples, np.nan)
+        if u < edges[2]:
+            time.sleep(c.hang_s)
+        elif u < edges[3]:
+            os._exit(17)
+        if c.flaky_rate and self.rng.random() < c.flaky_rate:
+            raise RuntimeError("synthetic transient failure (flaky_rate)")
+        return self._scores(x)
+
+    def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
+        scores = np.stack([self._one(x) for x in batch])
+        fit = scores.mean(axis=1)
+        return BatchEvaluation(fitness=fit, scores=scores, metrics={"mean_score": fit})
+
+    def holdout(self, x: np.ndarray) -> dict[str, float]:
+        return {"holdout_score": float(self._scores(x).mean())}

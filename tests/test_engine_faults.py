@@ -1,0 +1,235 @@
+"""Long-run behaviour through the real command: resume after SIGKILL, Ctrl-C, dead and hung workers,
+failing evaluations, duplicates. The synthetic fitness sets each run's cost and faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.journal import Journal, pack_scores, unpack_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path, **over) -> Path:
+    cfg = {"seed": 3, "space": {"name": "synthetic", "dim": 8},
+           "strategy": {"name": "m2n2", "archive_size": 8},
+           "fitness": {"name": "synthetic", "delay_ms": 2, "delay_sigma": 1.0},
+           "engine": {"workers": 2, "batch_size": 4, "cpus_per_worker": 0.5, "checkpoint_every_s": 0.5},
+           "budget": {"max_evals": 600}, "progress_every_s": 0.5}
+    for key, value in over.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg[section][name] = value
+        else:
+            cfg[section] = value
+    path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.py", *args, "--no-progress"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def evals(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+
+
+def wait_for_evals(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        f = out / "evals.jsonl"
+        if f.exists() and f.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} evaluations after {timeout} s")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver; its private Ray processes follow it (they are its children)."""
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.communicate()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    for p in alive:  # only processes this test started
+        p.kill()
+
+
+def run_to_end(cli, *args) -> subprocess.CompletedProcess:
+    r = cli(*args, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+DETERMINISTIC = {"engine__deterministic": True}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted deterministic run, fault-free: what the runs below must repeat."""
+    from conftest import run_cli
+
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = write_config(tmp, **DETERMINISTIC)
+    run_to_end(run_cli, "--config", str(cfg), "--out", str(tmp / "ref"))
+    return cfg, tmp / "ref"
+
+
+def assert_same_run(ref: Path, out: Path, n: int) -> None:
+    a, b = evals(ref), evals(out)
+    assert [e["id"] for e in b] == list(range(n))  # logged once each, in submission order
+    assert [(e["key"], e["fitness"]) for e in a] == [(e["key"], e["fitness"]) for e in b]
+    assert [e["recipe"] for e in a] == [e["recipe"] for e in b]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
+    assert sa["best"] == sb["best"] and sb["evaluations"] == n
+    assert json.loads((out / "best" / "point.json").read_text())["x"] == b[sb["best"]["eval_id"]]["recipe"]["x"]
+
+
+def test_deterministic_run_killed_and_resumed_repeats_the_uninterrupted_run(cli, reference):
+    cfg, ref = reference
+    out = ref.parent / "killed"
+    proc = start("--config", str(cfg), "--out", str(out))
+    wait_for_evals(out, 250, proc)
+    kill_tree(proc)
+    r = run_to_end(cli, "--resume", str(out))
+    assert "resuming" in r.stderr
+    assert_same_run(ref, out, 600)
+    assert json.loads((out / "summary.json").read_text())["sessions"] == 2
+
+
+def test_free_running_resume_logs_every_evaluation_exactly_once(cli, tmp_path):
+    cfg = write_config(tmp_path)
+    out = tmp_path / "run"
+    proc = start("--config", str(cfg), "--out", str(out))
+    wait_for_evals(out, 200, proc)
+    kill_tree(proc)
+    # a torn last line (the driver died mid-write) is cut off and that evaluation logged again
+    with open(out / "evals.jsonl", "a") as f:
+        f.write('{"id": 99999, "fitn')
+    run_to_end(cli, "--resume", str(out), "--set", "budget.max_evals=700")
+    ids = [e["id"] for e in evals(out)]
+    assert sorted(ids) == list(range(700))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations"] == 700 and summary["stop_reason"] == "max_evals"
+    assert yaml.safe_load((out / "config.yaml").read_text())["budget"]["max_evals"] == 700
+
+
+def test_resume_refuses_changes_other_than_the_budget(cli, tmp_path):
+    r = cli("--resume", str(tmp_path), "--set", "strategy.alpha=2")
+    assert r.returncode == 2 and "may change only budget" in r.stderr
+    r = cli("--resume", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "not a run directory with a checkpoint" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigint_checkpoints_and_says_how_to_resume(cli, tmp_path):
+    cfg = write_config(tmp_path, fitness={"name": "synthetic", "delay_ms": 20})
+    out = tmp_path / "run"
+    proc = start("--config", str(cfg), "--out", str(out))
+    wait_for_evals(out, 50, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"python run.py --resume {out}" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted"
+    logged = [e["id"] for e in evals(out)]
+    assert len(logged) == len(set(logged)) == summary["evaluations"]
+    run_to_end(cli, "--resume", str(out))
+    assert sorted(e["id"] for e in evals(out)) == list(range(600))
+
+
+def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_repeated(reference):
+    cfg, ref = reference
+    out = ref.parent / "worker-killed"
+    proc = start("--config", str(cfg), "--out", str(out))
+    wait_for_evals(out, 100, proc)
+    pid = next(json.loads(line)["pid"] for line in (out / "workers.jsonl").read_text().splitlines())
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in (out / "workers.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("replaced") == 1
+    assert sum(e["event"] == "started" for e in events) == 3
+    assert_same_run(ref, out, 600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["worker_replacements"] == 1 and summary["failed"] == 0
+
+
+def test_failures_are_logged_with_reasons_retried_and_penalised(cli, tmp_path):
+    cfg = write_config(tmp_path, fitness={"name": "synthetic", "fail_rate": 0.04, "nan_rate": 0.04,
+                                          "crash_rate": 0.02, "hang_rate": 0.02, "flaky_rate": 0.05},
+                       strategy={"name": "cmaes", "popsize": 8, "x0": "center"},
+                       engine__failure_penalty=-5.0, engine__max_retries=1, engine__eval_timeout_s=0.5,
+                       engine__batch_size=2, engine__workers=3, budget={"max_evals": 200}, **DETERMINISTIC)
+    out = tmp_path / "run"
+    run_to_end(cli, "--config", str(cfg), "--out", str(out))
+    log = evals(out)
+    assert [e["id"] for e in log] == list(range(200))
+    failed = [e for e in log if e.get("failed")]
+    reasons = {e["error"].split(":")[0] for e in failed}
+    assert {"ValueError", "fitness is nan", "timeout"} <= reasons  # raised / NaN / hung
+    assert any("died" in e["error"] for e in failed)  # the crashing candidates, after their retry
+    raised = [e for e in failed if e["error"].startswith(("ValueError", "timeout"))]
+    assert all(e["attempts"] == 2 for e in raised)  # first try plus max_retries=1
+    assert all(e["fitness"] is None for e in failed)
+    assert any(e.get("attempts") == 2 and not e.get("failed") for e in log)  # flaky ones succeeded on retry
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == len(failed) and summary["retried"] > 0
+    assert summary["timeouts"] >= 2 and summary["worker_replacements"] > summary["timeouts"]
+    assert summary["best"]["fitness"] == max(e["fitness"] for e in log if not e.get("failed"))
+
+
+def test_a_broken_fitness_stops_the_run_early_with_one_clear_line(cli, tmp_path):
+    for i, strategy in enumerate(({"name": "random"}, {"name": "m2n2"})):  # m2n2: no seed can be scored
+        cfg = write_config(tmp_path, fitness={"name": "synthetic", "fail_rate": 1.0}, strategy=strategy,
+                           engine__max_retries=0)
+        out = tmp_path / f"run{i}"
+        r = cli("--config", str(cfg), "--out", str(out), "--no-progress")
+        assert r.returncode == 1
+        line = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(line) == 1 and "engine.max_failure_fraction" in line[0] and "ValueError" in line[0]
+        assert "Traceback" not in r.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["stop_reason"] == "too_many_failures" and summary["evaluations"] < 40
+
+
+def test_duplicate_candidates_are_served_from_the_cache(cli, tmp_path):
+    # without crossover or mutation every child is a copy of an archive member
+    cfg = write_config(tmp_path, strategy={"name": "m2n2", "archive_size": 4, "crossover": False,
+                                           "mutation_std": 0.0}, budget={"max_evals": 100})
+    out = tmp_path / "run"
+    run_to_end(cli, "--config", str(cfg), "--out", str(out))
+    log = evals(out)
+    assert len({e["key"] for e in log}) == 4  # the four seeds, evaluated once each
+    cached = [e for e in log if "cached_from" in e]
+    assert len(cached) == 96
+    by_id = {e["id"]: e for e in log}
+    assert all(e["fitness"] == by_id[e["cached_from"]]["fitness"] and e["key"] == by_id[e["cached_from"]]["key"]
+               for e in cached)
+    assert json.loads((out / "summary.json").read_text())["cached"] == 96
+
+
+def test_journal_cuts_a_torn_entry_and_scores_pack_exactly(tmp_path):
+    j = Journal(tmp_path / "j.bin")
+    j.append(("ask", 4, 0, ["a"]))
+    j.append(("tell", [({"id": 0}, None)]))
+    j.close()
+    with open(tmp_path / "j.bin", "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00partial")
+    assert Journal.read(tmp_path / "j.bin") == [("ask", 4, 0, ["a"]), ("tell", [({"id": 0}, None)])]
+    assert Journal.read(tmp_path / "j.bin") == [("ask", 4, 0, ["a"]), ("tell", [({"id": 0}, None)])]
+    for s in (np.array([0.0, 1.0, 1.0, 0.0, 1.0]), np.array([0.5, 0.25]), np.array([0.1, 1 / 3])):
+        assert np.array_equal(unpack_scores(pack_scores(s)), s)
+    assert len(pack_scores(np.ones(1000))[2]) == 125  # 0/1 scores: one bit each
