@@ -78,7 +78,7 @@ class Job:
     id: int
     group: int
     cand: Candidate
-    key: str
+    key: str | None  # identity of a recipe (None in spaces whose vector is the model)
     recipe: dict | None
     attempts: int = 0  # failed attempts so far
     isolate: bool = False  # dispatched alone (after a failure inside a batch)
@@ -98,14 +98,18 @@ class Task:
     ref: object = None
 
 
-def candidate_key(x: np.ndarray, recipe: dict | None) -> str:
-    """Identity of a candidate: its recipe where the space has one, else its vector's bytes."""
-    h = hashlib.blake2b(digest_size=12)
-    if recipe is not None:
-        h.update(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode())
-    else:
-        h.update(np.ascontiguousarray(x).tobytes())
-    return h.hexdigest()
+def candidate_key(recipe: dict | None) -> str | None:
+    """Identity of a candidate: a hash of its recipe. Spaces without recipes (the vector is the
+    model, e.g. digits, where an evaluation costs about as much as hashing the vector) have none:
+    their candidates are neither deduplicated nor cached."""
+    if recipe is None:
+        return None
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+
+
+def fingerprint(job: "Job"):
+    """What the journal keeps of an asked candidate, to check that a replayed ask repeats it."""
+    return job.key if job.key is not None else (float(np.sum(job.cand.x, dtype=np.float64)), job.cand.step)
 
 
 MIN_FAILURES_TO_STOP = 10
@@ -276,7 +280,7 @@ class Engine:
                 if op[0] == "ask":
                     _, n, first, keys = op
                     got = self._ask(n)
-                    if self.next_id - got != first or [j.key for j in self.groups[self.next_group - 1]] != keys:
+                    if self.next_id - got != first or [fingerprint(j) for j in self.groups[self.next_group - 1]] != keys:
                         raise UserError(f"--resume {run}: the strategy does not repeat its logged candidates "
                                         f"(ask at eval {first}); the run cannot be resumed exactly")
                 else:
@@ -318,20 +322,23 @@ class Engine:
         jobs = []
         for i, c in enumerate(cands):
             recipe = self.space.recipe(c.x)
-            jobs.append(Job(first + i, g, c, candidate_key(c.x, recipe), recipe))
+            jobs.append(Job(first + i, g, c, candidate_key(recipe), recipe))
         self.next_group += 1
         self.next_id += len(jobs)
         self.groups[g] = jobs
         for j in jobs:
             self.jobs[j.id] = j
         if not self.replaying:
-            self.journal.append(("ask", n, first, [j.key for j in jobs]))
+            self.journal.append(("ask", n, first, [fingerprint(j) for j in jobs]))
             for j in jobs:
                 self._route(j)
         return len(jobs)
 
     def _route(self, job: Job) -> None:
         """Serve a duplicate from the cache or from the same candidate in flight, else queue it."""
+        if job.key is None:
+            self.queue.append(job)
+            return
         hit = self.cache.get(job.key)
         if hit is not None:
             self.cache.move_to_end(job.key)
@@ -392,7 +399,7 @@ class Engine:
         for f in job.followers:
             self._resolve(f, {**result, "cached_from": job.id, "worker": None, "seconds": 0.0}, scores)
         job.followers = []
-        if result.get("cached_from") is None and self.cfg.engine.cache_size:
+        if result.get("cached_from") is None and self.cfg.engine.cache_size and job.key is not None:
             self.cache[job.key] = ({**result, "id": job.id}, scores)
             while len(self.cache) > self.cfg.engine.cache_size:
                 self.cache.popitem(last=False)
@@ -446,7 +453,9 @@ class Engine:
         records, results = [], []
         for job in jobs:
             r = job.result
-            record = {"id": job.id, "step": job.cand.step, "key": job.key}
+            record = {"id": job.id, "step": job.cand.step}
+            if job.key is not None:
+                record["key"] = job.key
             if r["failed"]:
                 record.update(failed=True, error=r["error"], fitness=None)
             else:

@@ -171,8 +171,8 @@ def test_failures_are_logged_with_reasons_retried_and_penalised(cli, tmp_path):
     cfg = write_config(tmp_path, fitness={"name": "synthetic", "fail_rate": 0.04, "nan_rate": 0.04,
                                           "crash_rate": 0.02, "hang_rate": 0.02, "flaky_rate": 0.05},
                        strategy={"name": "cmaes", "popsize": 8, "x0": "center"},
-                       engine__failure_penalty=-5.0, engine__max_retries=1, engine__eval_timeout_s=0.5,
-                       engine__batch_size=2, engine__workers=3, budget={"max_evals": 200}, **DETERMINISTIC)
+                       engine__failure_penalty=-5.0, engine__max_retries=1, engine__eval_timeout_s=1.5,
+                       engine__batch_size=1, engine__workers=3, budget={"max_evals": 200}, **DETERMINISTIC)
     out = tmp_path / "run"
     run_to_end(cli, "--config", str(cfg), "--out", str(out))
     log = evals(out)
