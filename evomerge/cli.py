@@ -36,6 +36,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-id", type=int, metavar="N", help="evaluation id in RUN_DIR/evals.jsonl (default: the best)")
     p.add_argument("--to", metavar="DIR", help="write a model directory loadable by from_pretrained")
     p.add_argument("--mergekit", metavar="FILE", help="write a mergekit YAML that reproduces the merge")
+    p.add_argument("--prefer", metavar="TASK=W,...", help="pick from the Pareto front over the tasks the "
+                   "evaluation with the largest weighted sum, e.g. --prefer upper=0.7,count=0.3")
     return p
 
 
@@ -45,7 +47,7 @@ def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     if not args.to and not args.mergekit:
         raise UserError("export: give --to DIR and/or --mergekit FILE")
-    print(export(args.run_dir, args.eval_id, args.to, args.mergekit))
+    print(export(args.run_dir, args.eval_id, args.to, args.mergekit, args.prefer))
     return 0
 
 
@@ -125,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             engine.launch_workers()
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
                              upper=space.upper, random_seeds=space.random_seeds)
-            engine.strategy = build_strategy(cfg.strategy, info, cfg.seed)
+            engine.strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=engine.window,
+                                             max_evals=cfg.budget.max_evals)
             if run is not None:
                 replayed = engine.restore(run)
                 print(f"resuming {out}: {engine.counts['told']} evaluations done "

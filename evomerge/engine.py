@@ -25,6 +25,7 @@ from populations import Candidate, Result, Strategy
 from .config import EngineConfig, RunConfig
 from .errors import UserError
 from .journal import Journal, pack_scores, read_checkpoint, repair_jsonl, unpack_scores, write_checkpoint
+from .pareto import ParetoFront
 from .progress import Progress
 from .rundir import RunDir
 from .space import SearchSpace
@@ -149,6 +150,10 @@ class Engine:
         self.sessions = 0
         self.best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
         self.cache: OrderedDict[str, tuple[dict, np.ndarray | None]] = OrderedDict()
+        from fitness import FITNESSES
+
+        objectives = FITNESSES[cfg.fitness.name][1].objectives(cfg.fitness)
+        self.front = ParetoFront(objectives) if len(objectives) > 1 else None
         self.stop_reason: str | None = None
         self.last_failure: str | None = None
         # live only
@@ -241,7 +246,8 @@ class Engine:
                 "counts": dict(self.counts), "busy_seconds": self.busy_seconds,
                 "elapsed": self.elapsed(), "sessions": self.sessions, "best": dict(self.best),
                 "cache": [(k, r, pack_scores(s)) for k, (r, s) in self.cache.items()],
-                "stop_reason": self.stop_reason, "last_failure": self.last_failure}
+                "stop_reason": self.stop_reason, "last_failure": self.last_failure,
+                "front": None if self.front is None else self.front.members}
 
     def load_state_dict(self, st: dict) -> None:
         self.next_id, self.next_group = st["next_id"], st["next_group"]
@@ -260,6 +266,8 @@ class Engine:
         self.cache = OrderedDict((k, (r, unpack_scores(s))) for k, r, s in st["cache"])
         self.stop_reason = st["stop_reason"]
         self.last_failure = st["last_failure"]
+        if self.front is not None and st.get("front") is not None:
+            self.front.members = st["front"]
 
     def restore(self, rundir: RunDir) -> int:
         """Load the run's checkpoint and replay its journal; returns the number of replayed operations.
@@ -491,6 +499,8 @@ class Engine:
             else:
                 if rec.get("cached_from") is not None:
                     self.counts["cached"] += 1
+                elif self.front is not None:
+                    self.front.add(job.id, rec["fitness"], rec["metrics"])
                 if rec["fitness"] > self.best["fitness"]:
                     self.best = {"fitness": rec["fitness"], "id": job.id, "x": job.cand.x,
                                  "metrics": rec["metrics"]}
@@ -633,6 +643,8 @@ class Engine:
         }
         if self.last_failure:
             summary["last_failure"] = self.last_failure
+        if self.front is not None:
+            summary["pareto_front"] = {"objectives": self.front.objectives, "members": self.front.sorted()}
         if self.best["x"] is not None and self.stop_reason != "interrupted":
             summary["best"] = self._save_best(rundir)
         summary["strategy"] = self.strategy.summary()

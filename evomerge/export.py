@@ -69,13 +69,32 @@ def mergekit_config(space, recipe: dict) -> dict:
     return cfg
 
 
-def export(run_dir: str, eval_id: int | None, to: str | None, mergekit: str | None) -> str:
+def prefer(run: Path, cfg, text: str) -> tuple[int, dict]:
+    """The Pareto-front evaluation with the largest preference-weighted sum of objectives."""
+    from fitness import FITNESSES
+
+    from .pareto import front_of_run, parse_preference, preferred
+
+    objectives = FITNESSES[cfg.fitness.name][1].objectives(cfg.fitness)
+    if len(objectives) < 2:
+        raise UserError("--prefer: this run's fitness has a single objective; use --eval-id or the best")
+    chosen = preferred(front_of_run(run, objectives), parse_preference(text, objectives))
+    return chosen["eval_id"], chosen
+
+
+def export(run_dir: str, eval_id: int | None, to: str | None, mergekit: str | None,
+           preference: str | None = None) -> str:
     from .spaces import build_space
 
     run = Path(run_dir)
     if not (run / "config.yaml").exists():
         raise UserError(f"{run}: not a run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml")
+    chosen = None
+    if preference is not None:
+        if eval_id is not None:
+            raise UserError("export: give --eval-id or --prefer, not both")
+        eval_id, chosen = prefer(run, cfg, preference)
     if cfg.space.name != "hf_merge":
         raise UserError(f"{run}: space {cfg.space.name} has no recipes to export; the best model is in {run / 'best'}")
     eval_id, recipe = find_recipe(run, eval_id)
@@ -93,4 +112,6 @@ def export(run_dir: str, eval_id: int | None, to: str | None, mergekit: str | No
         rt.save(out)
         (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         done.append(f"model directory {out}")
-    return f"exported evaluation {eval_id} as " + " and ".join(done)
+    why = "" if chosen is None else " (Pareto front, preferred: " + ", ".join(
+        f"{k} {v:.4g}" for k, v in chosen["objectives"].items()) + ")"
+    return f"exported evaluation {eval_id}{why} as " + " and ".join(done)

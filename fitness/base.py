@@ -28,6 +28,12 @@ class Fitness(ABC):
 
     spaces: tuple[str, ...] = ()
 
+    @classmethod
+    def objectives(cls, cfg) -> list[str]:
+        """Metric names that are separate objectives (per task, higher is better); two or more make
+        the run report a Pareto front. Default: none beyond the fitness."""
+        return []
+
     @abstractmethod
     def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
         """Score a batch of points (B, dim) on the search split."""
@@ -46,6 +52,11 @@ class ModelFitness(ABC):
     """
 
     spaces: tuple[str, ...] = ()
+
+    @classmethod
+    def objectives(cls, cfg) -> list[str]:
+        """As Fitness.objectives."""
+        return []
 
     @abstractmethod
     def evaluate_model(self, model, tokenizer) -> tuple[float, np.ndarray, dict[str, float]]:

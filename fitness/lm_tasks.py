@@ -125,6 +125,10 @@ def load_task(spec: TaskSpec, where: str) -> dict[str, _Split]:
 class LMTasksFitness(ModelFitness):
     spaces = ("hf_merge",)
 
+    @classmethod
+    def objectives(cls, cfg: LMTasksFitnessConfig) -> list[str]:
+        return [f"{t.name}_accuracy" for t in cfg.tasks] if len(cfg.tasks) > 1 else []
+
     def __init__(self, cfg: LMTasksFitnessConfig):
         self.cfg = cfg
         self.data = [load_task(t, f"fitness.tasks[{i}].path") for i, t in enumerate(cfg.tasks)]

@@ -23,6 +23,8 @@ from .base import BatchEvaluation, Fitness
 class SyntheticFitnessConfig(Frozen):
     name: Literal["synthetic"]
     n_examples: int = Field(32, ge=1, description="per-example scores per evaluation")
+    n_tasks: int = Field(1, ge=1, description="examples split into this many tasks, each an objective "
+                                              "'task<i>_accuracy' (mean score of its examples)")
     delay_ms: float = Field(0.0, ge=0, description="median seconds x 1e3 each evaluation sleeps (0: none)")
     delay_sigma: float = Field(0.0, ge=0, description="sigma of the log-normal sleep (0: always the median)")
     fail_rate: float = Field(0.0, ge=0, le=1, description="share of candidates whose evaluation raises")
@@ -65,10 +67,18 @@ class SyntheticFitness(Fitness):
             raise RuntimeError("synthetic transient failure (flaky_rate)")
         return self._scores(x)
 
+    @classmethod
+    def objectives(cls, cfg: SyntheticFitnessConfig) -> list[str]:
+        return [f"task{i}_accuracy" for i in range(cfg.n_tasks)] if cfg.n_tasks > 1 else []
+
     def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
         scores = np.stack([self._one(x) for x in batch])
         fit = scores.mean(axis=1)
-        return BatchEvaluation(fitness=fit, scores=scores, metrics={"mean_score": fit})
+        metrics = {"mean_score": fit}
+        if self.cfg.n_tasks > 1:
+            for i, part in enumerate(np.array_split(np.arange(scores.shape[1]), self.cfg.n_tasks)):
+                metrics[f"task{i}_accuracy"] = scores[:, part].mean(axis=1)
+        return BatchEvaluation(fitness=fit, scores=scores, metrics=metrics)
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
         return {"holdout_score": float(self._scores(x).mean())}

@@ -2,17 +2,24 @@
 from .base import Candidate, Result, SpaceInfo, Strategy
 from .cmaes import CMAES, CMAESConfig
 from .m2n2 import M2N2, M2N2Config
+from .ngopt import Nevergrad, NevergradConfig
 from .random_search import RandomSearch, RandomSearchConfig
 
 STRATEGIES = {
     "m2n2": (M2N2Config, M2N2),
     "cmaes": (CMAESConfig, CMAES),
     "random": (RandomSearchConfig, RandomSearch),
+    "nevergrad": (NevergradConfig, Nevergrad),
 }
 
 
-def build_strategy(cfg, space: SpaceInfo, seed: int) -> Strategy:
-    return STRATEGIES[cfg.name][1](cfg, space, seed)
+def build_strategy(cfg, space: SpaceInfo, seed: int, parallelism: int = 1, max_evals: int | None = None) -> Strategy:
+    """`parallelism` (candidates the engine keeps outstanding) and `max_evals` reach the strategies
+    that plan with them (`uses_run_context`)."""
+    cls = STRATEGIES[cfg.name][1]
+    if getattr(cls, "uses_run_context", False):
+        return cls(cfg, space, seed, parallelism=parallelism, max_evals=max_evals)
+    return cls(cfg, space, seed)
 
 
 __all__ = ["Candidate", "Result", "SpaceInfo", "Strategy", "STRATEGIES", "build_strategy"]

@@ -21,7 +21,9 @@ def setup(tmp_path_factory):
                   "models": {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}},
         "strategy": {"name": "cmaes", "diagonal": True, "popsize": 4, "sigma0": 0.2, "x0": "center"},
         "fitness": {"name": "lm_tasks", "tasks": [{"name": "add", "path": str(root / "add.jsonl"),
-                                                   "kind": "generate", "max_new_tokens": 3}]},
+                                                   "kind": "generate", "max_new_tokens": 3},
+                                                  {"name": "add4", "path": str(root / "add.jsonl"),
+                                                   "kind": "generate", "max_new_tokens": 3, "limit": 4}]},
         "engine": {"workers": 2, "batch_size": 2},
         "budget": {"max_evals": 8},
     }
@@ -64,6 +66,23 @@ def test_search_logs_recipes_and_exports_them(cli, setup, tmp_path):
 
     r = cli("export", str(out), "--eval-id", "999", "--to", str(tmp_path / "x"))
     assert r.returncode == 2 and "--eval-id 999: no such evaluation" in r.stderr
+
+    # two tasks: the summary reports the Pareto front, and export can pick from it by preference
+    front = summary["pareto_front"]
+    assert front["objectives"] == ["add_accuracy", "add4_accuracy"] and front["members"]
+    points = {e["id"]: (e["metrics"]["add_accuracy"], e["metrics"]["add4_accuracy"]) for e in evals}
+    on_front = {m["eval_id"] for m in front["members"]}
+    for i in on_front:  # nobody dominates a member; every other evaluation is dominated or a tie
+        assert not any(all(q >= p for q, p in zip(points[j], points[i])) and points[j] != points[i]
+                       for j in points)
+    r = cli("export", str(out), "--prefer", "add=0.2,add4=0.8", "--mergekit", str(tmp_path / "pref.yaml"))
+    assert r.returncode == 0, r.stderr
+    chosen = int(r.stdout.split("exported evaluation ")[1].split()[0])
+    assert chosen in on_front and "Pareto front, preferred" in r.stdout
+    score = lambda i: 0.2 * points[i][0] + 0.8 * points[i][1]  # noqa: E731
+    assert score(chosen) == max(score(i) for i in on_front)
+    r = cli("export", str(out), "--prefer", "mul=1", "--mergekit", str(tmp_path / "x.yaml"))
+    assert r.returncode == 2 and "'mul' is not an objective of this run; choose from add_accuracy, add4_accuracy" in r.stderr
 
 
 def test_mismatched_expert_is_refused_before_anything_starts(cli, setup, tmp_path):

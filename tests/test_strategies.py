@@ -18,7 +18,8 @@ def space(random_seeds=True):
 
 
 def config(name):
-    extra = {"cmaes": {"diagonal": True, "popsize": 6}, "random": {"sigma": 1.0}}.get(name, {})
+    extra = {"cmaes": {"diagonal": True, "popsize": 6}, "random": {"sigma": 1.0},
+             "nevergrad": {"budget": 500}}.get(name, {})
     return STRATEGIES[name][0](name=name, **extra)
 
 
@@ -105,3 +106,43 @@ def test_cmaes_bounds_are_respected():
 def test_cmaes_mean_outside_bounds_is_a_config_error():
     with pytest.raises(UserError, match="^strategy.x0: "):
         CMAES(CMAESConfig(name="cmaes", bounds=(10.0, 11.0)), space(), seed=0)
+
+
+def test_nevergrad_unknown_optimizer_is_a_config_error_with_suggestions():
+    with pytest.raises(UserError, match=r"strategy.optimizer: 'TwoPointDE' is not a nevergrad optimizer; did you mean TwoPointsDE"):
+        build_strategy(STRATEGIES["nevergrad"][0](name="nevergrad", optimizer="TwoPointDE"), space(), seed=0)
+
+
+def test_nevergrad_optimizer_that_cannot_be_pickled_is_refused_at_start(monkeypatch):
+    import nevergrad as ng
+
+    base = ng.optimizers.registry["OnePlusOne"]
+
+    def unpicklable(*args, **kwargs):
+        opt = base(*args, **kwargs)
+        opt.callback = lambda: None  # a lambda: pickle refuses it
+        return opt
+
+    monkeypatch.setitem(ng.optimizers.registry, "Unpicklable", unpicklable)
+    with pytest.raises(UserError, match="strategy.optimizer: Unpicklable cannot be pickled.*choose another"):
+        build_strategy(STRATEGIES["nevergrad"][0](name="nevergrad", optimizer="Unpicklable"), space(), seed=0,
+                       max_evals=100)
+
+
+@pytest.mark.parametrize("optimizer", ["NGOpt", "TwoPointsDE", "PSO", "DiagonalCMA"])
+def test_nevergrad_optimizers_take_asynchronous_tells(optimizer):
+    st = build_strategy(STRATEGIES["nevergrad"][0](name="nevergrad", optimizer=optimizer),
+                        SpaceInfo(dim=DIM, seeds=space().seeds, lower=np.full(DIM, -2.0), upper=np.full(DIM, 2.0)),
+                        seed=0, parallelism=8, max_evals=200)
+    first = st.ask(8)
+    assert all(np.all(np.abs(c.x) <= 2.0) for c in first)
+    told = []
+    for c in first[::2]:  # half the batch returns, then more is asked: nothing waits for a generation
+        r = score(c.x)
+        r.candidate = c
+        told.append(r)
+    st.tell(told)
+    assert len(st.ask(4)) == 4
+    failed = Result(first[1], float("-inf"), None, failed=True)
+    st.tell([failed])  # told the worst value seen plus one
+    assert st.summary()["told"] == 5

@@ -1,0 +1,73 @@
+"""Multi-objective results: the non-dominated evaluations over a fitness's objectives (per-task
+metrics, higher is better), kept incrementally during a run, and selection by preference weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def dominates(a: tuple, b: tuple) -> bool:
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+class ParetoFront:
+    """Evaluations no other evaluation beats on every objective; a tie on all keeps the first."""
+
+    def __init__(self, objectives: list[str]):
+        self.objectives = list(objectives)
+        self.members: list[dict] = []  # {"eval_id", "fitness", "objectives": {name: value}}
+
+    def add(self, eval_id: int, fitness: float, metrics: dict) -> bool:
+        if any(k not in metrics for k in self.objectives):
+            return False
+        point = tuple(float(metrics[k]) for k in self.objectives)
+        for m in self.members:
+            q = tuple(m["objectives"][k] for k in self.objectives)
+            if dominates(q, point) or q == point:
+                return False
+        self.members = [m for m in self.members
+                        if not dominates(point, tuple(m["objectives"][k] for k in self.objectives))]
+        self.members.append({"eval_id": eval_id, "fitness": fitness,
+                             "objectives": dict(zip(self.objectives, point))})
+        return True
+
+    def sorted(self) -> list[dict]:
+        return sorted(self.members, key=lambda m: (-m["fitness"], m["eval_id"]))
+
+
+def parse_preference(text: str, objectives: list[str]) -> dict[str, float]:
+    """'task_a=0.7,task_b=0.3' -> {objective: weight}; a task name stands for '<task>_accuracy'."""
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep:
+            raise UserError(f"--prefer {text}: expected NAME=WEIGHT pairs separated by commas")
+        key = name if name in objectives else f"{name}_accuracy"
+        if key not in objectives:
+            raise UserError(f"--prefer {text}: {name!r} is not an objective of this run; "
+                            f"choose from {', '.join(objectives)}")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise UserError(f"--prefer {text}: weight of {name} is not a number") from None
+    return weights
+
+
+def front_of_run(run: Path, objectives: list[str]) -> ParetoFront:
+    front = ParetoFront(objectives)
+    with open(Path(run) / "evals.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if not rec.get("failed") and rec.get("cached_from") is None:
+                front.add(rec["id"], rec["fitness"], rec.get("metrics", {}))
+    return front
+
+
+def preferred(front: ParetoFront, weights: dict[str, float]) -> dict:
+    """The front member with the largest weighted sum (ties: higher fitness, then earlier)."""
+    if not front.members:
+        raise UserError("--prefer: the run has no successful evaluation")
+    return max(front.members, key=lambda m: (sum(w * m["objectives"][k] for k, w in weights.items()),
+                                             m["fitness"], -m["eval_id"]))
