@@ -125,8 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         with RayCluster(cfg.engine):
             prepared.result()
             engine.launch_workers()
+            layout = getattr(space, "layout", None)
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
-                             upper=space.upper, random_seeds=space.random_seeds)
+                             upper=space.upper, random_seeds=space.random_seeds,
+                             layout=tuple(layout) if layout is not None else None)
             engine.strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=engine.window,
                                              max_evals=cfg.budget.max_evals)
             if run is not None:

@@ -1,6 +1,7 @@
 """Search strategies behind one ask/tell interface. Add one: a module plus a line in STRATEGIES."""
 from .base import Candidate, Result, SpaceInfo, Strategy
 from .cmaes import CMAES, CMAESConfig
+from .frank_wolfe import FrankWolfe, FrankWolfeConfig
 from .m2n2 import M2N2, M2N2Config
 from .ngopt import Nevergrad, NevergradConfig
 from .random_search import RandomSearch, RandomSearchConfig
@@ -10,6 +11,7 @@ STRATEGIES = {
     "cmaes": (CMAESConfig, CMAES),
     "random": (RandomSearchConfig, RandomSearch),
     "nevergrad": (NevergradConfig, Nevergrad),
+    "frank_wolfe": (FrankWolfeConfig, FrankWolfe),
 }
 
 

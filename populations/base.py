@@ -37,6 +37,8 @@ class SpaceInfo:
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
     random_seeds: bool = False  # seeds are random initialisations, not trained models
+    # what each coordinate is, in merge spaces: (group, parameter, expert) per coordinate
+    layout: tuple[tuple[str, str, str], ...] | None = None
 
 
 class Strategy(ABC):
