@@ -98,3 +98,21 @@ def test_mismatched_expert_is_refused_before_anything_starts(cli, setup, tmp_pat
     assert r.returncode == 2 and not (tmp_path / "run").exists()
     assert r.stderr.strip().splitlines() == [
         "error: models: expert odd tensor model.layers.0.mlp.down_proj.weight has shape [32, 48], the base has [32, 64]"]
+
+
+def test_frank_wolfe_runs_a_taskwise_selection_on_ray_workers(cli, setup, tmp_path):
+    cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
+    cfg["space"].update(method="task_arithmetic", layer_granularity=0, params={"weight": {"low": 0.0, "high": 1.0}})
+    cfg["strategy"] = {"name": "frank_wolfe", "steps": 2}
+    cfg["budget"] = {"max_evals": 1000}
+    (tmp_path / "fw.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = cli("--config", str(tmp_path / "fw.yaml"), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "strategy_done" and summary["evaluations"] == 1 + 2 * 3
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert evals[0]["recipe"]["groups"]["all"]["weight"] == [0.0, 0.0, 0.0]  # theta_0: the base model
+    first = [e["recipe"]["groups"]["all"]["weight"] for e in evals[1:4]]
+    assert first == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # gamma_0 = 1: straight to each atom
+    assert len(summary["strategy"]["chosen"]) == 2
