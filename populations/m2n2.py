@@ -28,6 +28,10 @@ class M2N2Config(Frozen):
     splitpoint: bool = Field(True, description="t = w before a random split and 1 - w after; false: one t = w")
     mutation_std: float | Literal["auto"] = Field(
         "auto", description="std of the Gaussian mutation; auto: 0.01 from random seeds, 0 from trained ones")
+    form: Literal["dense", "coefficients"] = Field(
+        "dense", description="archive members as full vectors, or as mixtures of the seeds per segment "
+                             "(boundaries plus coefficients: memory independent of the model's size; no mutation)")
+    chunk_size: int = Field(1, ge=1, description="coefficients form: coordinates per chunk of the boundary grid")
 
 
 def competition(scores: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +94,13 @@ def crossover(x: np.ndarray, y: np.ndarray, w: float, split: int, cos_omega: flo
 class M2N2(Strategy):
     generational = False
 
+    def __new__(cls, cfg: M2N2Config, *args, **kwargs):
+        if cls is M2N2 and cfg.form == "coefficients":
+            from .m2n2_coefficients import M2N2Coefficients
+
+            return super().__new__(M2N2Coefficients)
+        return super().__new__(cls)
+
     def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int):
         self.cfg = cfg
         self.dim = space.dim
@@ -102,8 +113,7 @@ class M2N2(Strategy):
         import torch  # its normal sampler is twice as fast as numpy's here: noise is most of ask()
 
         self.noise = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
-        p = cfg.archive_size
-        self.archive = np.zeros((p, self.dim), np.float32)
+        self._init_archive()
         self.rows: np.ndarray | None = None  # members' per-example scores plus a row for the newcomer
         self.z: np.ndarray | None = None  # column sums of the members' scores
         self.steps = 0  # candidates handed out
@@ -181,9 +191,9 @@ class M2N2(Strategy):
                 self.z = np.zeros(s.size)
             elif s.size != self.scores.shape[1]:
                 raise ValueError(f"per-example scores changed length: {s.size} != {self.scores.shape[1]}")
-            self.insert(r.candidate.x, s)
+            self.insert(r.candidate.x, s, r.candidate)
 
-    def insert(self, x: np.ndarray, s: np.ndarray) -> bool:
+    def insert(self, x: np.ndarray, s: np.ndarray, cand: Candidate | None = None) -> bool:
         """Competition for a place in the archive; True when the child was kept.
 
         As worst_after_insert, with the column sums z kept up to date instead of recomputed:
@@ -198,9 +208,15 @@ class M2N2(Strategy):
             return False
         self.z = z - rows[worst]
         rows[worst] = s
-        self.archive[worst] = x
+        self._store(worst, x, cand)
         self.inserted += 1
         return True
+
+    def _init_archive(self) -> None:
+        self.archive = np.zeros((self.cfg.archive_size, self.dim), np.float32)
+
+    def _store(self, index: int, x: np.ndarray, cand: Candidate | None) -> None:
+        self.archive[index] = x
 
     @property
     def scores(self) -> np.ndarray | None:
@@ -210,7 +226,7 @@ class M2N2(Strategy):
     # state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "archive": self.archive.copy(),
+            "archive": None if self.archive is None else self.archive.copy(),
             "scores": None if self.rows is None else self.scores.copy(),
             "rng": rng_state(self.rng),
             "noise_rng": self.noise.get_state().numpy().copy(),
@@ -221,7 +237,7 @@ class M2N2(Strategy):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.archive = np.array(state["archive"], np.float32)
+        self.archive = None if state["archive"] is None else np.array(state["archive"], np.float32)
         if state["scores"] is None:
             self.rows = self.z = None
         else:

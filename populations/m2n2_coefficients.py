@@ -1,0 +1,155 @@
+"""M2N2 in coefficient form: archive members are mixtures of the seed models, piecewise along the
+parameter axis, never full copies.
+
+Without mutation, split-point SLERP of two mixtures is again a mixture: a member is a sorted list
+of segment starts on a grid of chunks plus one coefficient vector over the S seeds per segment. The
+dot products the SLERP angle needs come from per-chunk Gram matrices of the seeds (prefix sums,
+computed once), so a member costs O(segments x S) numbers whatever the model's size, and the
+children are the same as the dense form's for the same random draws (up to float rounding).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from evomerge.errors import UserError
+
+from .base import Candidate, SpaceInfo
+from .m2n2 import M2N2, M2N2Config, slerp_coefficients
+
+
+class Member:
+    """starts: (n,) first chunk of each segment (starts[0] = 0); coefs: (n, S) seed coefficients."""
+
+    __slots__ = ("starts", "coefs")
+
+    def __init__(self, starts: np.ndarray, coefs: np.ndarray):
+        self.starts, self.coefs = np.asarray(starts, np.int64), np.asarray(coefs, np.float64)
+
+    def at(self, starts: np.ndarray) -> np.ndarray:
+        """Coefficient rows of the segments containing each chunk in `starts`."""
+        return self.coefs[np.searchsorted(self.starts, starts, side="right") - 1]
+
+    def nbytes(self) -> int:
+        return self.starts.nbytes + self.coefs.nbytes
+
+
+def compress(starts: np.ndarray, coefs: np.ndarray) -> Member:
+    keep = np.ones(len(starts), bool)
+    keep[1:] = np.any(coefs[1:] != coefs[:-1], axis=1)
+    return Member(starts[keep], coefs[keep])
+
+
+class M2N2Coefficients(M2N2):
+    """M2N2 (same competition, attraction, draws) over coefficient-form members."""
+
+    def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int):
+        if space.layout is not None:
+            raise UserError("strategy.form: the coefficients form mixes whole seed models; this space's "
+                            "vector is merge coefficients (hf_merge), so use form: dense there")
+        super().__init__(cfg, space, seed)
+        if self.mutation_std > 0:
+            raise UserError("strategy.form: the coefficients form needs mutation_std: 0 (a mutated child "
+                            "is no longer a mixture of the seeds)")
+        seeds = np.asarray(space.seeds, np.float64)  # (S, D)
+        self.seed_matrix = seeds
+        d = seeds.shape[1]
+        self.edges = np.append(np.arange(0, d, cfg.chunk_size), d)  # chunk c: [edges[c], edges[c + 1])
+        self.n_chunks = len(self.edges) - 1
+        s = len(seeds)
+        gram = np.empty((self.n_chunks, s, s))
+        for i in range(s):
+            for j in range(i, s):
+                gram[:, i, j] = gram[:, j, i] = np.add.reduceat(seeds[i] * seeds[j], self.edges[:-1])
+        self.prefix = np.concatenate([np.zeros((1, s, s)), np.cumsum(gram, axis=0)])  # (C + 1, S, S)
+
+    def _init_archive(self) -> None:
+        self.archive = None  # no dense copies: members are coefficient lists
+        self.members: list[Member | None] = [None] * self.cfg.archive_size
+
+    # algebra on members ---------------------------------------------------------------------
+    def _segments(self, *members: Member, extra: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+        starts = np.unique(np.concatenate([m.starts for m in members] + [np.array(extra, np.int64)]))
+        starts = starts[(starts >= 0) & (starts < self.n_chunks)]
+        ends = np.append(starts[1:], self.n_chunks)
+        return starts, ends
+
+    def dot(self, a: Member, b: Member) -> float:
+        starts, ends = self._segments(a, b)
+        block = self.prefix[ends] - self.prefix[starts]  # (n, S, S) Gram sums per segment
+        return float(np.einsum("ns,nst,nt->", a.at(starts), block, b.at(starts)))
+
+    def cosine(self, a: Member, b: Member) -> float:
+        denom = float(np.sqrt(self.dot(a, a) * self.dot(b, b)))
+        return self.dot(a, b) / denom if denom > 0 else 1.0
+
+    def crossover(self, a: Member, b: Member, w: float, split: int) -> Member:
+        cos = self.cosine(a, b)
+        ax, ay = slerp_coefficients(w, cos)
+        bx, by = slerp_coefficients(1.0 - w, cos)
+        starts, _ = self._segments(a, b, extra=(split,))
+        ca, cb = a.at(starts), b.at(starts)
+        before = (starts < split)[:, None]
+        coefs = np.where(before, ax * ca + ay * cb, bx * ca + by * cb)
+        return compress(starts, coefs)
+
+    def materialize(self, m: Member) -> np.ndarray:
+        x = np.empty(self.seed_matrix.shape[1], np.float32)
+        ends = np.append(m.starts[1:], self.n_chunks)
+        for s, e, c in zip(m.starts, ends, m.coefs):
+            lo, hi = self.edges[s], self.edges[e]
+            x[lo:hi] = c @ self.seed_matrix[:, lo:hi]
+        return x
+
+    # M2N2 hooks ---------------------------------------------------------------------------------
+    def ask(self, n: int) -> list[Candidate]:
+        if self.seeds_asked < len(self.seed_points):
+            k = min(n, len(self.seed_points) - self.seeds_asked)
+            out = []
+            for i in range(self.seeds_asked, self.seeds_asked + k):
+                member = Member([0], np.eye(len(self.seed_points))[i][None])
+                out.append(Candidate(x=self.seed_points[i].copy(), step=self.steps, tag=member))
+                self.steps += 1
+            self.seeds_asked += k
+            return out
+        return super().ask(n)
+
+    def make_children(self, pairs: np.ndarray) -> list[np.ndarray]:
+        n = len(pairs)
+        # the dense form's draws, in its order: split over coordinates (here chunks), then w
+        split = self.rng.integers(0, self.n_chunks, n) if self.cfg.splitpoint else np.full(n, self.n_chunks)
+        w = self.rng.random(n)
+        self._children = []
+        for i, (a, b) in enumerate(pairs):
+            ma, mb = self.members[a], self.members[b]
+            child = self.crossover(ma, mb, float(w[i]), int(split[i])) if self.cfg.crossover else ma
+            self._children.append(child)
+        return [self.materialize(m) for m in self._children]
+
+    def _candidate(self, x: np.ndarray) -> Candidate:
+        c = super()._candidate(x)
+        c.tag = self._children.pop(0)
+        return c
+
+    def _store(self, index: int, x: np.ndarray, cand: Candidate | None) -> None:
+        self.members[index] = cand.tag
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["members"] = [None if m is None else (m.starts.copy(), m.coefs.copy()) for m in self.members]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        members = state.pop("members")
+        super().load_state_dict(state)
+        self.members = [None if m is None else Member(*m) for m in members]
+
+    def summary(self) -> dict:
+        out = super().summary()
+        segs = [len(m.starts) for m in self.members if m is not None]
+        if segs:
+            out.update(form="coefficients", chunks=self.n_chunks, segments_mean=float(np.mean(segs)),
+                       segments_max=int(max(segs)),
+                       bytes_per_member_mean=float(np.mean([m.nbytes() for m in self.members if m is not None])),
+                       dense_bytes_per_member=4 * int(self.seed_matrix.shape[1]))
+        return out
