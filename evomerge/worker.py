@@ -52,8 +52,11 @@ class FitnessWorker:
                 out = self._pack([(float(f), None if ev.scores is None else ev.scores[j],
                                    {k: float(v[j]) for k, v in ev.metrics.items()}, None)
                                   for j, f in enumerate(ev.fitness)])
-            except Exception:  # noqa: BLE001 - find the candidates that raise, score the rest
-                out = self._pack([self._one(x) for x in batch])
+            except Exception as e:  # noqa: BLE001 - find the candidates that raise, score the rest
+                if len(batch) == 1:
+                    out = self._pack([(float("nan"), None, {}, _describe(e))])
+                else:
+                    out = self._pack([self._one(x) for x in batch])
         else:
             out = self._pack([self._one(x) for x in batch])
         out["seconds"] = time.perf_counter() - start
@@ -70,8 +73,7 @@ class FitnessWorker:
             return (float(ev.fitness[0]), None if ev.scores is None else ev.scores[0],
                     {k: float(v[0]) for k, v in ev.metrics.items()}, None)
         except Exception as e:  # noqa: BLE001 - reported per candidate, the run goes on
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return float("nan"), None, {}, f"{type(e).__name__}: {msg}"[:500]
+            return float("nan"), None, {}, _describe(e)
 
     @staticmethod
     def _pack(rows: list[tuple]) -> dict:
@@ -100,3 +102,8 @@ class FitnessWorker:
 
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _describe(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:500]

@@ -111,7 +111,8 @@ def test_frank_wolfe_runs_a_taskwise_selection_on_ray_workers(cli, setup, tmp_pa
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "strategy_done" and summary["evaluations"] == 1 + 2 * 3
-    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    evals = sorted((json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()),
+                   key=lambda e: e["id"])  # logged as told: in arrival order
     assert evals[0]["recipe"]["groups"]["all"]["weight"] == [0.0, 0.0, 0.0]  # theta_0: the base model
     first = [e["recipe"]["groups"]["all"]["weight"] for e in evals[1:4]]
     assert first == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # gamma_0 = 1: straight to each atom
