@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, write_results
 
 RUNS = {  # name -> (config, paper's test accuracy or None)
     "quickstart": ("configs/quickstart.yaml", 0.685),
@@ -80,10 +80,7 @@ def main() -> None:
             if paper is not None:
                 print(f"  paper test accuracy  {paper}")
             sys.stdout.flush()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten {out}")
+    print(f"\nwritten {write_results(args.out, report)}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, write_results  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 from evomerge import digits  # noqa: E402
@@ -70,9 +71,7 @@ def main() -> None:
         print(f"{workers} worker(s): {rate:.0f} evals/s {[round(r['evals_per_second']) for r in runs]}, "
               f"{100 * rate / ideal:.0f}% of {workers} x bare; utilization {util:.2f}; "
               f"driver CPU {drv:.3f} ms/eval; overhead {1e3 / rate - 1e3 / ideal:.3f} ms/eval of wall time")
-    out = ROOT / "bench" / "results" / "engine_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(ROOT / "bench" / "results" / "engine_overhead.json", report)
 
 
 if __name__ == "__main__":

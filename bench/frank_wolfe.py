@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, run_py, write_results  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 from evomerge.config import load_config  # noqa: E402
@@ -61,14 +60,12 @@ def main() -> None:
         raise SystemExit(f"{args.zoo}: {len(unrelated)} unrelated experts; build with --unrelated 16")
     pools = {"relevant (3)": list(skills), f"relevant + {len(unrelated)} irrelevant": list(skills) + unrelated}
     tmp = Path(tempfile.mkdtemp(prefix="fw-bench-"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     rows = {}
     for label, experts in pools.items():
         cfg_path = tmp / f"{len(experts)}.yaml"
         cfg_path.write_text(yaml.safe_dump(config(fam, experts, args.steps, str(tmp / "tv"))))
         out = tmp / f"run{len(experts)}"
-        subprocess.run([sys.executable, "run.py", "--config", str(cfg_path), "--out", str(out), "--no-progress"],
-                       cwd=ROOT, env=env, check=True)
+        run_py("--config", str(cfg_path), "--out", str(out), "--no-progress", capture=False)
         summary = json.loads((out / "summary.json").read_text())
         fw = quality(summary["best"]["holdout"], skills, "test")
         cfg = load_config(cfg_path)
@@ -98,9 +95,8 @@ def main() -> None:
     print(f"{'drop (points)':28s}{drops['frank_wolfe']:14.1f}{drops['task_arithmetic_w1']:10.1f}"
           f"{drops['task_arithmetic_tuned']:10.1f}")
     print(f"Frank-Wolfe within 2 points: {abs(drops['frank_wolfe']) <= 2.0}")
-    path = ROOT / "bench" / "results" / "frank_wolfe.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"zoo": args.zoo, "steps": args.steps, "rows": rows, "drop_points": drops}, indent=2) + "\n")
+    write_results(ROOT / "bench" / "results" / "frank_wolfe.json",
+                  {"zoo": args.zoo, "steps": args.steps, "rows": rows, "drop_points": drops})
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ def family_check(tmp: Path) -> dict:
         dim = w.space.dim
         xs = np.random.default_rng(0).uniform(w.space.lower, w.space.upper, size=(6, dim)).astype(np.float32)
         w.evaluate(xs[:1])  # warm-up
-        t0 = time.perf_counter()
         out = w.evaluate(xs)
         assert not any(out["errors"]), out["errors"]
         report[device] = {"worker_device": w.ready()["device"], "seconds_per_candidate": out["seconds"] / len(xs),

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+from common import ENV, ROOT, run_py, write_results
 
 
 def config(tmp: Path, name: str, strategy: dict, fitness: dict, engine: dict, budget: dict) -> Path:
@@ -42,10 +41,9 @@ def config(tmp: Path, name: str, strategy: dict, fitness: dict, engine: dict, bu
     return path
 
 
-def run(*args: str, check: bool = True) -> dict:
-    r = subprocess.run([sys.executable, "run.py", *args, "--no-progress"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True)
-    if check and r.returncode != 0:
+def run(*args: str) -> dict:
+    r = run_py(*args, "--no-progress", check=False)
+    if r.returncode != 0:
         raise SystemExit(f"run.py {' '.join(args)} failed:\n{r.stderr}")
     out = Path(args[args.index("--out") + 1] if "--out" in args else args[args.index("--resume") + 1])
     return json.loads((out / "summary.json").read_text())
@@ -191,11 +189,7 @@ def main() -> None:
         for part in args.only:
             results[part] = {"utilization": lambda: utilization(tmp), "overhead": lambda: overhead(tmp),
                              "faults": lambda: faults(tmp, rng), "resume": lambda: resume(tmp, rng)}[part]()
-    path = ROOT / "bench" / "results" / "long_runs.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**old, **results}, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_results(ROOT / 'bench' / 'results' / 'long_runs.json', results, merge=True)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ most 256 children, so --batches 256 bounds what the engine's batching can cost.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from evomerge.space import DigitsMLPSpace, DigitsMLPSpaceConfig
 from fitness.digits import DigitsFitness, DigitsFitnessConfig
 from populations import Result, SpaceInfo
 from populations.m2n2 import M2N2, M2N2Config
+
+from common import write_results
 
 
 def run(init: str, batch: int, seed: int, evals: int) -> float:
@@ -58,8 +59,7 @@ def main() -> None:
         report[b] = accs
         print(f"{args.init} batch {b:4d}: test accuracy {statistics.mean(accs):.4f} ± {sd:.4f} "
               f"{[round(a, 4) for a in accs]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"init": args.init, "evals": args.evals, "test_accuracy": report}, indent=2))
+    write_results(args.out, {"init": args.init, "evals": args.evals, "test_accuracy": report})
 
 
 if __name__ == "__main__":

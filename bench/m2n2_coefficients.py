@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+from common import ROOT, run_py, write_results
 
 
 def llama_tensor_sizes(layers, hidden, mlp, kv_heads, head_dim, vocab) -> list[int]:
@@ -64,9 +60,8 @@ def measured(seeds: list[int]) -> dict:
         rows = []
         for seed in seeds:
             run = tmp / f"{len(out)}-{seed}"
-            args = [sys.executable, "run.py", "--config", "configs/quickstart.yaml", "--out", str(run), "--no-progress",
-                    "--set", f"seed={seed}"] + [a for s in sets for a in ("--set", s)]
-            subprocess.run(args, cwd=ROOT, env=ENV, check=True, capture_output=True)
+            run_py("--config", "configs/quickstart.yaml", "--out", str(run), "--no-progress",
+                   "--set", f"seed={seed}", *[a for s in sets for a in ("--set", s)])
             s = json.loads((run / "summary.json").read_text())
             st = s["strategy"]
             rows.append({"test_accuracy": s["best"]["holdout"]["test_accuracy"], "search_seconds": s["search_seconds"],
@@ -90,9 +85,7 @@ def main() -> None:
                                         llama_tensor_sizes(22, 2048, 5632, 4, 64, 32000), seeds=3))
     for row in results["computed"]:
         print(json.dumps(row))
-    path = ROOT / "bench" / "results" / "m2n2_coefficients.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(ROOT / "bench" / "results" / "m2n2_coefficients.json", results)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -329,10 +331,7 @@ def main(argv=None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results(args.out, report)}")
     return 0
 
 

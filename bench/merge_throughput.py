@@ -19,12 +19,13 @@ as bytes read + written. Results go to bench/results/merge_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from common import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -120,10 +121,7 @@ def main(argv=None) -> int:
     report = {"n_params": n_params, "torch_threads": torch.get_num_threads(), "memcpy_gb_per_s": memcpy,
               "memcpy_gb_per_s_after": memcpy_after, "density": args.density, "methods": rows,
               "torch": torch.__version__}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {write_results(args.out, report)}")
     return 0
 
 

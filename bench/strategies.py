@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+from common import ROOT, run_py, write_results
 
 SETTINGS = {
     "digits": ("configs/quickstart.yaml", 10_000, {
@@ -66,17 +62,13 @@ def main() -> None:
                 path = tmp / f"{setting}-{name}-{seed}.yaml"
                 path.write_text(yaml.safe_dump(cfg))
                 out = tmp / f"{setting}-{name}-{seed}"
-                subprocess.run([sys.executable, "run.py", "--config", str(path), "--out", str(out), "--no-progress"],
-                               cwd=ROOT, env=ENV, check=True, capture_output=True)
+                run_py("--config", str(path), "--out", str(out), "--no-progress")
                 curves.append(curve(out, budget))
             mean = np.mean(curves, axis=0)
             results[setting][name] = {"curve_mean": [round(float(v), 4) for v in mean],
                                       "final_per_seed": [round(c[-1], 4) for c in curves]}
             print(setting, name, "best after 10%..100% of the budget:", " ".join(f"{v:.3f}" for v in mean), flush=True)
-    path = ROOT / "bench" / "results" / "strategies.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**old, **results}, indent=2) + "\n")
+    write_results(ROOT / "bench" / "results" / "strategies.json", results, merge=True)
 
 
 if __name__ == "__main__":

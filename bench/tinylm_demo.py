@@ -13,13 +13,13 @@ every training-free baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, write_results  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 from evomerge.config import load_config  # noqa: E402
@@ -79,10 +79,8 @@ def main() -> None:
     mean = lambda m: sum(m[f"{t}_test_accuracy"] for t in tasks) / len(tasks)  # noqa: E731
     beats = {name: mean(evolved) > mean(rows[name]) for name in baselines}
     print(f"evolved / expert on its own task: {verdict}; evolved mean above each baseline: {beats}")
-    out = ROOT / "bench" / "results" / "tinylm_demo.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": str(run), "rows": rows, "ratio_to_expert": verdict, "beats": beats},
-                              indent=2) + "\n")
+    write_results(ROOT / "bench" / "results" / "tinylm_demo.json",
+                  {"run": str(run), "rows": rows, "ratio_to_expert": verdict, "beats": beats})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # the bench script imports its sibling bench/common.py
 _spec = importlib.util.spec_from_file_location("merge_parity", ROOT / "bench" / "merge_parity.py")
 merge_parity = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("merge_parity", merge_parity)
