@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -93,7 +92,6 @@ class Task:
     """One call to a worker: a batch of jobs."""
 
     worker: int
-    gen: int
     jobs: list[Job]
     sent: float
     ref: object = None
@@ -108,7 +106,7 @@ def candidate_key(recipe: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
 
 
-def fingerprint(job: "Job"):
+def fingerprint(job: Job):
     """What the journal keeps of an asked candidate, to check that a replayed ask repeats it."""
     return job.key if job.key is not None else (float(np.sum(job.cand.x, dtype=np.float64)), job.cand.step)
 
@@ -215,10 +213,8 @@ class Engine:
             for job in t.jobs:
                 if i == 0 and len(t.jobs) == 1:
                     self._retry_or_fail(job, reason)
-                elif i == 0:
-                    job.isolate = True
-                    back.append(job)
                 else:
+                    job.isolate = job.isolate or i == 0
                     back.append(job)
         self.queue.extendleft(reversed(back))
         try:
@@ -391,7 +387,7 @@ class Engine:
             if not jobs[0].isolate:
                 while self.queue and len(jobs) < e.batch_size and not self.queue[0].isolate:
                     jobs.append(self.queue.popleft())
-            task = Task(w, self.gen[w], jobs, time.perf_counter())
+            task = Task(w, jobs, time.perf_counter())
             task.ref = self.workers[w].evaluate.remote(np.stack([j.cand.x for j in jobs]))
             self.inflight[task.ref] = task
             self.worker_tasks[w].append(task)
@@ -551,7 +547,7 @@ class Engine:
                     self.rundir.log_event({"event": "started", **info})
                 continue
             task = self.inflight.pop(ref, None)
-            if task is None or task.gen != self.gen[task.worker]:
+            if task is None:  # sent to a worker that has been replaced since
                 continue
             try:
                 out = ray.get(ref)

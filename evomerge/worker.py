@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 
 import numpy as np
@@ -18,23 +19,16 @@ class FitnessWorker:
 
         # torch is imported only by what needs it (seconds saved when a worker starts or is replaced)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        self.threads = threads
-        self._torch_threads()
         self.index = index
         self.space = build_space(space_cfg, seed)
         self.fitness = build_fitness(fitness_cfg)
         self.model_based = isinstance(self.fitness, ModelFitness)
-        self._torch_threads()
+        if "torch" in sys.modules:  # imported by the space or fitness: before any heavy tensor work
+            sys.modules["torch"].set_num_threads(threads)
         self.device = "cpu"
         if self.model_based:  # the resident model: loaded once, merged into in place per candidate
             self.runtime = self.space.open_runtime()
             self.device = str(self.runtime.device)
-
-    def _torch_threads(self) -> None:
-        import sys
-
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(self.threads)
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": self.device}
