@@ -116,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = None
     space = build_space(cfg.space, cfg.seed)
     STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
+    _check_extras(cfg, space)
     engine = Engine(cfg, space, progress=not args.no_progress)
     # Ray starts while the seeds (e.g. trained experts) and the task vectors are made in a thread;
     # the workers start once the task vectors are on disk, to map rather than recompute them.
@@ -166,6 +167,20 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"fix the fitness, then: python run.py --resume {out}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_extras(cfg, space) -> None:
+    """What the strategy needs the workers to compute must be computable, before anything starts."""
+    from fitness import FITNESSES
+    from populations import STRATEGIES
+
+    if "weight_gradient" in STRATEGIES[cfg.strategy.name][1].worker_extras(cfg.strategy):
+        if not hasattr(space, "check_weight_gradient"):
+            raise UserError(f"space.name: {cfg.space.name}: gradient oracles need a merge space (hf_merge)")
+        space.check_weight_gradient()
+        if not hasattr(FITNESSES[cfg.fitness.name][1], "loss_model"):
+            raise UserError(f"fitness.name: {cfg.fitness.name} has no differentiable loss; use a black-box "
+                            "oracle (strategy.oracle: black_box) or a differentiable fitness (lm_tasks)")
 
 
 class _stop_on_signals:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from populations import Candidate, Result, Strategy
+from populations import STRATEGIES, Candidate, Result, Strategy
 
 from .config import EngineConfig, RunConfig
 from .errors import UserError
@@ -185,7 +185,8 @@ class Engine:
         self.gen = [0] * e.workers
 
     def _new_worker(self, i: int):
-        return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads)
+        extras = STRATEGIES[self.cfg.strategy.name][1].worker_extras(self.cfg.strategy)
+        return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads, extras)
 
     def wait_workers(self) -> None:
         import ray

@@ -37,6 +37,7 @@ METHOD_PARAMS = {
     "breadcrumbs_ties": ("weight", "density", "gamma"),
     "slerp": ("t",),
 }
+GRADIENT_METHODS = ("task_arithmetic", "linear")  # merged tensors linear in the weights
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "gamma": (0.0, 0.05), "t": (0.0, 1.0)}
 VALID = {"density": (1e-6, 1.0), "gamma": (0.0, 1.0), "t": (0.0, 1.0)}
 
@@ -172,6 +173,12 @@ class HFMergeSpace(SearchSpace):
                 "layout": [f"{g}/{p}/{e}" + f" [{lo:g}, {hi:g}]" for (g, p, e), lo, hi
                            in zip(self.layout, self.lower, self.upper)]}
 
+    def check_weight_gradient(self) -> None:
+        """Refuse, before any evaluation, a space whose weights have no gradient here."""
+        if self.cfg.method not in GRADIENT_METHODS:
+            raise UserError(f"space.method: {self.cfg.method}: gradients with respect to the merge weights need "
+                            f"{' or '.join(GRADIENT_METHODS)} (a merge linear in the weights)")
+
     # worker side ------------------------------------------------------------------------------
     def open_runtime(self, device: str | None = None) -> "MergeRuntime":
         if self.runtime is None:
@@ -303,6 +310,57 @@ class MergeRuntime:
                     merge_tensor(method, name, base, experts, tmp, **kw)
                     out.copy_(tmp)
         return self.model
+
+    def weight_gradient(self, recipe: dict, loss_fn) -> tuple[float, dict[str, list[float]]]:
+        """(loss, {group: d loss / d weight per expert}) at the recipe's merge, for the methods whose
+        merged tensor is linear in the weights (task_arithmetic, linear; normalized or not).
+
+        One backward pass through the resident model gives G = d loss / d W per tensor; the merged
+        W = c + sum_k w_k X_k (X = task vectors, or the experts for linear) so d loss / d w_k = <G, X_k>,
+        divided form (normalize): W = c + sum_k w_k X_k / sum_k w_k gives (<G, X_k> - <G, W - c>) / sum_k w_k.
+        """
+        import torch
+
+        method = recipe["method"]
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"weight gradients need method {' or '.join(GRADIENT_METHODS)}, not {method}")
+        normalize = recipe.get("normalize")
+        normalize = (method == "linear") if normalize is None else normalize
+        model = self.materialize(recipe)
+        params = [p for p in self.targets.values() if isinstance(p, torch.nn.Parameter)]
+        flags = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(True)
+                p.grad = None
+            with torch.enable_grad():
+                loss = loss_fn(model)
+                loss.backward()
+            out = {g: [0.0] * len(recipe["experts"]) for g in recipe["groups"]}
+            with torch.no_grad():
+                for name, p in self.targets.items():
+                    if getattr(p, "grad", None) is None:
+                        continue
+                    g = self.space.tensor_group[name]
+                    grad = p.grad.float().reshape(-1)
+                    xs = ([self._expert(lbl, name) for lbl in recipe["experts"]] if method == "linear"
+                          else self._deltas[name])
+                    dots = [float(torch.dot(grad, x.float().reshape(-1).to(grad.device))) for x in xs]
+                    if normalize:
+                        w = recipe["groups"][g]["weight"]
+                        total = float(sum(w))
+                        merged = p.float().reshape(-1)
+                        if method != "linear":
+                            merged = merged - self._base[name].float().reshape(-1).to(grad.device)
+                        gm = float(torch.dot(grad, merged))
+                        dots = [(d - gm) / total if total else 0.0 for d in dots]
+                    for k, d in enumerate(dots):
+                        out[g][k] += d
+            return float(loss.detach()), out
+        finally:
+            for p, f in zip(params, flags):
+                p.grad = None
+                p.requires_grad_(f)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

@@ -12,7 +12,7 @@ import numpy as np
 class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
-    def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int):
+    def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = ()):
         from fitness import ModelFitness, build_fitness
 
         from .spaces import build_space
@@ -20,6 +20,7 @@ class FitnessWorker:
         # torch is imported only by what needs it (seconds saved when a worker starts or is replaced)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         self.index = index
+        self.extras = tuple(extras)  # see Strategy.worker_extras
         self.space = build_space(space_cfg, seed)
         self.fitness = build_fitness(fitness_cfg)
         self.model_based = isinstance(self.fitness, ModelFitness)
@@ -60,9 +61,18 @@ class FitnessWorker:
     def _one(self, x: np.ndarray) -> tuple:
         try:
             if self.model_based:
-                model = self.runtime.materialize(self.space.decode(x))
+                recipe = self.space.decode(x)
+                model = self.runtime.materialize(recipe)
                 f, s, m = self.fitness.evaluate_model(model, self.runtime.tokenizer)
-                return float(f), s, dict(m), None
+                m = dict(m)
+                if "weight_gradient" in self.extras:
+                    tok = self.runtime.tokenizer
+                    loss, grads = self.runtime.weight_gradient(recipe, lambda mdl: self.fitness.loss_model(mdl, tok))
+                    m["loss"] = loss
+                    for g, per in grads.items():
+                        for label, v in zip(recipe["experts"], per):
+                            m[f"dloss/{g}/{label}"] = v
+                return float(f), s, m, None
             ev = self.fitness.evaluate(x[None])
             return (float(ev.fitness[0]), None if ev.scores is None else ev.scores[0],
                     {k: float(v[0]) for k, v in ev.metrics.items()}, None)

@@ -65,3 +65,8 @@ class ModelFitness(ABC):
     @abstractmethod
     def holdout_model(self, model, tokenizer) -> dict[str, float]:
         """Metrics on the held-out split (reported for the best, never searched on)."""
+
+    # A differentiable fitness also defines
+    #     def loss_model(self, model, tokenizer) -> torch.Tensor
+    # a scalar loss on the search split with its autograd graph (lower is better), which gradient-based
+    # oracles (Frank-Wolfe's `oracle: gradient`) differentiate through the resident model.

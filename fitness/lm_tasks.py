@@ -149,6 +149,57 @@ class LMTasksFitness(ModelFitness):
         return {f"{t.name}_test_accuracy": a for t, a, d in zip(self.cfg.tasks, accs, self.data)
                 if len(d["test"])}
 
+    def loss_model(self, model, tokenizer):
+        """Differentiable search-split loss: per task, the mean over examples of the mean negative
+        log-likelihood of the answer tokens (generate: the answer; choice: the right choice) after
+        the prompt; tasks weighted as in the fitness. A torch scalar with its autograd graph."""
+        import torch
+
+        total, wsum = None, 0.0
+        for i, (spec, data) in enumerate(zip(self.cfg.tasks, self.data)):
+            s = data["train"]
+            if not len(s):
+                continue
+            enc = self._encoded(tokenizer, i, "train")
+            if spec.kind == "generate":
+                answers = tokenizer(list(s.answers), add_special_tokens=False)["input_ids"]
+                pairs = [(p, list(a)) for p, a in zip(enc, answers)]
+            else:
+                pairs, k = [], 0
+                for j, ch in enumerate(s.choices):
+                    pairs.append((enc[k + s.answers[j]][1], enc[k + s.answers[j]][2]))
+                    k += len(ch)
+            nll = self._answer_nll(model, pairs)
+            total = spec.weight * nll if total is None else total + spec.weight * nll
+            wsum += spec.weight
+        return total / wsum
+
+    def _answer_nll(self, model, pairs: list[tuple[list[int], list[int]]]):
+        """Mean over pairs of the mean NLL of the continuation tokens given the prompt (with grad)."""
+        import torch
+
+        per_example = []
+        bs = self.cfg.batch_size
+        for start in range(0, len(pairs), bs):
+            chunk = pairs[start:start + bs]
+            seqs = [p + c for p, c in chunk]
+            width = max(len(q) for q in seqs)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for k, ((p, c), q) in enumerate(zip(chunk, seqs)):  # right padding
+                ids[k, :len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[k, :len(q)] = 1
+                labels[k, len(p):len(q)] = torch.tensor(c, dtype=torch.long)
+            dev = model.device
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            lp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            tgt = labels[:, 1:].to(dev)
+            keep = tgt != -100
+            tok = lp.gather(2, tgt.clamp(min=0)[..., None])[..., 0] * keep
+            per_example.append(-(tok.sum(1) / keep.sum(1).clamp(min=1)))
+        return torch.cat(per_example).mean()
+
     def _run(self, model, tokenizer, split: str) -> tuple[list[float], list[np.ndarray]]:
         import torch
 

@@ -1,5 +1,5 @@
 """Frank-Wolfe selection over a pool of models (FW-Merging, "Scaling Model Merging with Frank-Wolfe
-Optimization"), with a black-box linear minimization oracle.
+Optimization"), with a black-box or a gradient linear minimization oracle.
 
 The iterate theta holds the merge coefficients (`param`, e.g. each expert's task-arithmetic weight,
 per layer group); theta_{t+1} = (1 - gamma_t) theta_t + gamma_t s_t with gamma_t = step * 2 / (t + 2).
@@ -8,6 +8,13 @@ whole model, layer-wise one per layer group. The oracle evaluates the candidate 
 (one per pool model, or per group and model: a whole step is one batch for the engine) and picks the
 best, so an expert that does not help is never moved toward. Workers map the experts' task vectors
 (memory does not grow with the pool); the strategy holds only the coefficient vector.
+
+With `oracle: gradient` (a differentiable fitness, e.g. lm_tasks' answer NLL, and a merge linear in
+the weights: task_arithmetic or linear) each step is one evaluation: the worker scores theta_t and
+back-propagates the loss once, returning d loss / d weight for every group and expert (the inner
+product of the parameter gradient with each task vector); the oracle picks, for the whole model or
+per group, the expert whose atom minimises <gradient, s>, i.e. the task vector best aligned with the
+negative gradient. The Frank-Wolfe gap <gradient, theta - s> is logged per step.
 """
 from __future__ import annotations
 
@@ -31,6 +38,10 @@ class FrankWolfeConfig(Frozen):
     scale: float | None = Field(None, gt=0, description="an atom's value of `param` (default: its upper bound)")
     start: Literal["zero", "center"] = Field("zero", description="theta_0: every coefficient 0 (the base model) "
                                                                  "or the centre of the bounds")
+    oracle: Literal["black_box", "gradient"] = Field(
+        "black_box", description="black_box: score one move per model (per group and model) and keep the best; "
+                                 "gradient: one evaluation per step, the atom best aligned with the negative "
+                                 "gradient of the fitness's loss (needs param: weight)")
 
 
 class FrankWolfe(Strategy):
@@ -43,6 +54,8 @@ class FrankWolfe(Strategy):
         if not mine:
             raise UserError(f"strategy.param: {cfg.param!r} is not searched by the space "
                             f"(searched: {sorted({p for _, p, _ in space.layout})})")
+        if cfg.oracle == "gradient" and cfg.param != "weight":
+            raise UserError(f"strategy.param: {cfg.param}: the gradient oracle moves the merge weights (param: weight)")
         self.cfg = cfg
         self.lower = np.asarray(space.lower, np.float64)
         self.upper = np.asarray(space.upper, np.float64)
@@ -64,6 +77,11 @@ class FrankWolfe(Strategy):
         self.steps_done = 0
         self.history: list[dict] = []
         self.anchor_pending = True  # theta_0 is scored with the first step
+        self.finished = False  # gradient oracle: the last iterate is scored
+
+    @classmethod
+    def worker_extras(cls, cfg: FrankWolfeConfig) -> tuple[str, ...]:
+        return ("weight_gradient",) if cfg.oracle == "gradient" else ()
 
     def _group_coords(self, g: str) -> np.ndarray:
         return np.concatenate([self.of_cell[(g, e)] for e in self.experts])
@@ -79,6 +97,9 @@ class FrankWolfe(Strategy):
 
     def _make_step(self) -> None:
         gamma = self.cfg.step * 2.0 / (self.t + 2)
+        if self.cfg.oracle == "gradient":  # one evaluation per step: theta_t with its gradient
+            self.step_cands, self.step_fit, self.sent, self.gamma = [("theta", self.theta.copy())], [None], 0, gamma
+            return
         cands: list[tuple[str, np.ndarray]] = []
         if self.anchor_pending:
             cands.append(("theta", self.theta.copy()))
@@ -104,6 +125,10 @@ class FrankWolfe(Strategy):
         return out
 
     def tell(self, results: Sequence[Result]) -> None:
+        if self.cfg.oracle == "gradient":
+            for r in results:
+                self._gradient_step(r)
+            return
         for r in results:
             self.step_fit[r.candidate.tag] = r.fitness if np.isfinite(r.fitness) else -np.inf
         if not self.step_cands or any(f is None for f in self.step_fit):
@@ -134,14 +159,56 @@ class FrankWolfe(Strategy):
         self.t += 1
         self.step_cands, self.step_fit, self.sent = [], [], 0
 
+    def _gradient_step(self, r: Result) -> None:
+        self.step_cands, self.step_fit, self.sent = [], [], 0
+        if self.t >= self.cfg.steps:
+            self.finished = True
+            return
+        grad = np.zeros(len(self.theta))
+        missing = []
+        for g in self.groups:
+            for e in self.experts:
+                v = r.metrics.get(f"dloss/{g}/{e}")
+                if v is None or not np.isfinite(v):
+                    missing.append(f"{g}/{e}")
+                else:
+                    grad[self.of_cell[(g, e)]] = v
+        entry = {"t": self.t, "gamma": round(self.gamma, 6), "fitness": float(r.fitness),
+                 "loss": r.metrics.get("loss")}
+        if r.failed or missing:  # no gradient: theta stays, the step counts
+            entry["chosen"] = []
+        else:
+            if self.cfg.mode == "taskwise":
+                # <grad, atom_e> = scale * sum of e's coordinates: the best-aligned expert minimises it
+                best = min(self.experts, key=lambda e: grad[self.of_expert[e]].sum())
+                y, chosen = self._atom_move(self.coords, self.of_expert[best], self.gamma), [best]
+                atom = np.zeros(len(y))
+                atom[self.of_expert[best]] = self.scale
+            else:
+                y, chosen, atom = self.theta.copy(), [], np.zeros(len(self.theta))
+                for g in self.groups:
+                    best = min(self.experts, key=lambda e: grad[self.of_cell[(g, e)]].sum())
+                    region = self._group_coords(g)
+                    y[region] = self._atom_move(region, self.of_cell[(g, best)], self.gamma)[region]
+                    atom[self.of_cell[(g, best)]] = self.scale
+                    chosen.append(f"{g}:{best}")
+            entry["chosen"] = chosen
+            entry["gap"] = float(grad[self.coords] @ (self.theta[self.coords] - atom[self.coords]))
+            self.theta = y
+        self.history.append(entry)
+        self.t += 1
+
     @property
     def done(self) -> bool:
+        if self.cfg.oracle == "gradient":
+            return self.finished
         return self.t >= self.cfg.steps and not self.anchor_pending and not self.step_cands
 
     def state_dict(self) -> dict:
         return {"theta": self.theta.copy(), "t": self.t, "step_cands": [(l, x.copy()) for l, x in self.step_cands],
                 "step_fit": list(self.step_fit), "sent": self.sent, "history": list(self.history),
-                "anchor_pending": self.anchor_pending, "gamma": getattr(self, "gamma", None)}
+                "anchor_pending": self.anchor_pending, "gamma": getattr(self, "gamma", None),
+                "finished": self.finished}
 
     def load_state_dict(self, state: dict) -> None:
         self.theta = np.array(state["theta"])
@@ -152,8 +219,9 @@ class FrankWolfe(Strategy):
         self.history = list(state["history"])
         self.anchor_pending = state["anchor_pending"]
         self.gamma = state["gamma"]
+        self.finished = state.get("finished", False)
 
     def summary(self) -> dict:
         weights = {e: round(float(np.mean(self.theta[self.of_expert[e]])), 4) for e in self.experts}
-        return {"iterations": self.t, "chosen": [h["chosen"] for h in self.history],
-                "final_mean_weight": weights}
+        return {"iterations": self.t, "oracle": self.cfg.oracle, "chosen": [h["chosen"] for h in self.history],
+                "final_mean_weight": weights, "history": self.history}

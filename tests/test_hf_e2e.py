@@ -117,3 +117,42 @@ def test_frank_wolfe_runs_a_taskwise_selection_on_ray_workers(cli, setup, tmp_pa
     first = [e["recipe"]["groups"]["all"]["weight"] for e in evals[1:4]]
     assert first == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # gamma_0 = 1: straight to each atom
     assert len(summary["strategy"]["chosen"]) == 2
+
+
+def test_frank_wolfe_gradient_oracle_moves_toward_the_best_aligned_expert(cli, setup, tmp_path):
+    cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
+    cfg["space"].update(method="task_arithmetic", layer_granularity=2, params={"weight": {"low": 0.0, "high": 1.0}})
+    cfg["strategy"] = {"name": "frank_wolfe", "oracle": "gradient", "mode": "layerwise", "steps": 3}
+    cfg["budget"] = {"max_evals": 1000}
+    (tmp_path / "fw.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = cli("--config", str(tmp_path / "fw.yaml"), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "strategy_done" and summary["evaluations"] == 3 + 1  # one per step + the last
+    evals = sorted((json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()),
+                   key=lambda e: e["id"])
+    groups = list(evals[0]["recipe"]["groups"])
+    experts = evals[0]["recipe"]["experts"]
+    assert evals[0]["recipe"]["groups"][groups[0]]["weight"] == [0.0, 0.0, 0.0]
+    for t, (now, nxt) in enumerate(zip(evals, evals[1:])):
+        gamma = 2.0 / (t + 2)
+        for g in groups:
+            grad = [now["metrics"][f"dloss/{g}/{e}"] for e in experts]
+            best = grad.index(min(grad))  # the atom best aligned with the negative gradient
+            want = [(1 - gamma) * w + gamma * (1.0 if k == best else 0.0)
+                    for k, w in enumerate(now["recipe"]["groups"][g]["weight"])]
+            assert nxt["recipe"]["groups"][g]["weight"] == pytest.approx(want, abs=1e-6)
+    assert all("loss" in e["metrics"] for e in evals)
+    assert [len(h["chosen"]) for h in summary["strategy"]["history"]] == [len(groups)] * 3
+
+
+def test_frank_wolfe_gradient_oracle_needs_a_linear_merge(cli, setup, tmp_path):
+    cfg = yaml.safe_load((setup / "cfg.yaml").read_text())
+    cfg["strategy"] = {"name": "frank_wolfe", "oracle": "gradient"}
+    (tmp_path / "fw.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("--config", str(tmp_path / "fw.yaml"), "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode == 2 and not (tmp_path / "run").exists()
+    assert r.stderr.strip().splitlines() == [
+        "error: space.method: ties: gradients with respect to the merge weights need task_arithmetic or linear "
+        "(a merge linear in the weights)"]

@@ -99,3 +99,46 @@ def test_mergekit_yaml_names_every_tensor(family):
     w = cfg["models"][0]["parameters"]["weight"]
     assert {e["filter"] for e in w} == set(s.tensor_group)
     yaml.safe_dump(cfg)
+
+
+@pytest.mark.parametrize("method,normalize", [("task_arithmetic", False), ("task_arithmetic", True),
+                                              ("linear", True), ("linear", False)])
+def test_weight_gradient_matches_finite_differences(family, tmp_path, method, normalize):
+    from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "split": "train"} for a, b in [(1, 2), (3, 4), (2, 2)]]
+    rows += [{"prompt": "ab", "choices": ["c", "d"], "answer": 1, "split": "train"}]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "c.jsonl").write_text(json.dumps(rows[3]) + "\n")
+    fit = LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", tasks=[
+        {"name": "g", "path": str(tmp_path / "g.jsonl"), "kind": "generate"},
+        {"name": "c", "path": str(tmp_path / "c.jsonl"), "kind": "choice", "weight": 2.0}]))
+    s = space(family, method=method, normalize=normalize, layer_granularity=2,
+              params={"weight": {"low": -1.0, "high": 2.0}})
+    s.check_weight_gradient()
+    rt = s.open_runtime("cpu")
+    rt.model.double()  # finite differences in float64
+    rt.targets = {n: p for n, p in rt.model.named_parameters() if n in rt.targets}
+    x = np.random.default_rng(1).uniform(0.2, 0.9, s.dim)
+    recipe = s.decode(x)
+
+    def loss(rec):
+        with torch.no_grad():
+            return float(fit.loss_model(rt.materialize(rec), rt.tokenizer))
+
+    value, grads = rt.weight_gradient(recipe, lambda m: fit.loss_model(m, rt.tokenizer))
+    assert value == pytest.approx(loss(recipe), rel=1e-9)
+    assert not any(p.requires_grad and p.grad is not None for p in rt.model.parameters())
+    eps = 1e-3
+    for g in ("embed", "layers.0-1", "head"):
+        for k in range(3):
+            up, down = json.loads(json.dumps(recipe)), json.loads(json.dumps(recipe))
+            up["groups"][g]["weight"][k] += eps
+            down["groups"][g]["weight"][k] -= eps
+            numeric = (loss(up) - loss(down)) / (2 * eps)
+            assert grads[g][k] == pytest.approx(numeric, rel=1e-3, abs=1e-6), (g, k)
+
+
+def test_weight_gradient_is_refused_for_nonlinear_merges(family):
+    with pytest.raises(UserError, match="space.method: ties: gradients"):
+        space(family, method="ties").check_weight_gradient()
