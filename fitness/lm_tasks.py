@@ -153,8 +153,6 @@ class LMTasksFitness(ModelFitness):
         """Differentiable search-split loss: per task, the mean over examples of the mean negative
         log-likelihood of the answer tokens (generate: the answer; choice: the right choice) after
         the prompt; tasks weighted as in the fitness. A torch scalar with its autograd graph."""
-        import torch
-
         total, wsum = None, 0.0
         for i, (spec, data) in enumerate(zip(self.cfg.tasks, self.data)):
             s = data["train"]
