@@ -129,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             layout = getattr(space, "layout", None)
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
                              upper=space.upper, random_seeds=space.random_seeds,
-                             layout=tuple(layout) if layout is not None else None)
+                             layout=tuple(layout) if layout is not None else None,
+                             gram=getattr(space, "gram", None))
             engine.strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=engine.window,
                                              max_evals=cfg.budget.max_evals)
             if run is not None:

@@ -95,13 +95,14 @@ def export(run_dir: str, eval_id: int | None, to: str | None, mergekit: str | No
         if eval_id is not None:
             raise UserError("export: give --eval-id or --prefer, not both")
         eval_id, chosen = prefer(run, cfg, preference)
-    if cfg.space.name != "hf_merge":
+    if cfg.space.name not in ("hf_merge", "hf_mixture"):
         raise UserError(f"{run}: space {cfg.space.name} has no recipes to export; the best model is in {run / 'best'}")
     eval_id, recipe = find_recipe(run, eval_id)
     space = build_space(cfg.space, cfg.seed)
     done = []
     if mergekit:
-        Path(mergekit).write_text(yaml.safe_dump(mergekit_config(space, recipe), sort_keys=False))
+        mk = space.mergekit_config(recipe) if hasattr(space, "mergekit_config") else mergekit_config(space, recipe)
+        Path(mergekit).write_text(yaml.safe_dump(mk, sort_keys=False))
         done.append(f"mergekit config {mergekit}")
     if to:
         out = Path(to)

@@ -189,11 +189,7 @@ class HFMergeSpace(SearchSpace):
         return self.open_runtime().materialize(recipe)
 
     def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
-        rt = self.open_runtime()
-        rt.materialize(self.decode(x))
-        rt.save(directory)
-        (Path(directory) / "recipe.json").write_text(json.dumps(self.decode(x), indent=2) + "\n")
-        (Path(directory) / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        save_point(self, x, directory, info)
 
     def task_vector_dir(self) -> Path:
         key = hashlib.sha256()
@@ -237,10 +233,12 @@ def _group_order(g: str):
     return ({"embed": 0, "all": 0, "head": 3}.get(g, 2), 0, g)
 
 
-class MergeRuntime:
-    """A worker's resident model and the memory-mapped inputs it merges from."""
+class ResidentModel:
+    """A worker's resident model, loaded once from `path` onto `device` (auto: cuda when there is
+    one); `targets` maps tensor names to its parameters and buffers (tied weights appear once),
+    into which each candidate is written in place."""
 
-    def __init__(self, space: HFMergeSpace, device: str):
+    def __init__(self, path: Path, names: list[str], dtype: str, device: str):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -250,14 +248,35 @@ class MergeRuntime:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.space = space
-        dtype = getattr(torch, space.cfg.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(space.base_path, dtype=dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(space.base_path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         state = dict(self.model.named_parameters())
         state.update(dict(self.model.named_buffers()))
-        names = space.base.names()
-        self.targets = {n: state[n] for n in names if n in state}  # tied weights appear once
+        self.targets = {n: state[n] for n in names if n in state}
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+
+def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:
+    """A recipe space's point x as a model directory, with recipe.json and info.json beside it."""
+    rt = space.open_runtime()
+    recipe = space.decode(x)
+    rt.materialize(recipe)
+    rt.save(directory)
+    (Path(directory) / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    (Path(directory) / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class MergeRuntime(ResidentModel):
+    """A worker's resident model and the memory-mapped inputs it merges from."""
+
+    def __init__(self, space: HFMergeSpace, device: str):
+        super().__init__(space.base_path, space.base.names(), space.cfg.dtype, device)
+        self.space = space
         from .pool import Checkpoint
 
         tv_dir = space.prepare()
@@ -361,9 +380,3 @@ class MergeRuntime:
             for p, f in zip(params, flags):
                 p.grad = None
                 p.requires_grad_(f)
-
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)

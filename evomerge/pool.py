@@ -145,7 +145,7 @@ def check_compatible(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
             if got[name][0] != ref[name][0]:
                 raise UserError(f"models: expert {label} tensor {name} has shape {list(got[name][0])}, "
                                 f"the base has {list(ref[name][0])}")
-            if _is_float(got[name][1]) != _is_float(ref[name][1]):  # floats cast to one dtype; others must match
+            if is_float_dtype(got[name][1]) != is_float_dtype(ref[name][1]):  # floats cast to one dtype; others must match
                 raise UserError(f"models: expert {label} tensor {name} has dtype {got[name][1]}, "
                                 f"the base has {ref[name][1]}")
         extra = sorted(set(got) - set(ref))
@@ -153,7 +153,7 @@ def check_compatible(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
             raise UserError(f"models: expert {label} has tensor {extra[0]} that the base lacks")
 
 
-def _is_float(dtype: str) -> bool:
+def is_float_dtype(dtype: str) -> bool:
     return dtype.startswith(("F", "BF"))
 
 

@@ -1,6 +1,7 @@
 """Registry of search spaces: add one with a module and a line in SPACES."""
 from __future__ import annotations
 
+from .hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
 from .hf_space import HFMergeSpace, HFMergeSpaceConfig
 from .schema import Frozen
 from .space import DigitsMLPSpace, DigitsMLPSpaceConfig, SearchSpace
@@ -9,6 +10,7 @@ from .synthetic import SyntheticSpace, SyntheticSpaceConfig
 SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
     "digits_mlp": (DigitsMLPSpaceConfig, DigitsMLPSpace),
     "hf_merge": (HFMergeSpaceConfig, HFMergeSpace),
+    "hf_mixture": (HFMixtureSpaceConfig, HFMixtureSpace),
     "synthetic": (SyntheticSpaceConfig, SyntheticSpace),
 }
 

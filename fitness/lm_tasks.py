@@ -123,7 +123,7 @@ def load_task(spec: TaskSpec, where: str) -> dict[str, _Split]:
 
 
 class LMTasksFitness(ModelFitness):
-    spaces = ("hf_merge",)
+    spaces = ("hf_merge", "hf_mixture")
 
     @classmethod
     def objectives(cls, cfg: LMTasksFitnessConfig) -> list[str]:

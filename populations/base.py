@@ -39,6 +39,9 @@ class SpaceInfo:
     random_seeds: bool = False  # seeds are random initialisations, not trained models
     # what each coordinate is, in merge spaces: (group, parameter, expert) per coordinate
     layout: tuple[tuple[str, str, str], ...] | None = None
+    # mixture spaces (hf_mixture): the point is (cells, S) coefficients over the S seed models, and
+    # gram[c] their inner products <seed_i, seed_j> restricted to cell c
+    gram: np.ndarray | None = None
 
 
 class Strategy(ABC):

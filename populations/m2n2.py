@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field
 
+from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import Candidate, Result, SpaceInfo, Strategy, rng_state, set_rng_state
@@ -102,6 +103,9 @@ class M2N2(Strategy):
         return super().__new__(cls)
 
     def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int):
+        if space.gram is not None and cfg.form == "dense":
+            raise UserError("strategy.form: a mixture space (hf_mixture) is searched by M2N2 in form: coefficients "
+                            "(the dense form would interpolate coefficients, not models)")
         self.cfg = cfg
         self.dim = space.dim
         self.seed_points = [np.asarray(s, np.float32) for s in space.seeds]

@@ -44,27 +44,37 @@ class M2N2Coefficients(M2N2):
 
     def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int):
         if space.layout is not None:
-            raise UserError("strategy.form: the coefficients form mixes whole seed models; this space's "
-                            "vector is merge coefficients (hf_merge), so use form: dense there")
+            raise UserError("strategy.form: the coefficients form mixes whole seed models; this space's vector "
+                            "is merge coefficients (hf_merge): use space.name: hf_mixture for M2N2 over checkpoints")
         super().__init__(cfg, space, seed)
         if self.mutation_std > 0:
             raise UserError("strategy.form: the coefficients form needs mutation_std: 0 (a mutated child "
                             "is no longer a mixture of the seeds)")
-        seeds = np.asarray(space.seeds, np.float64)  # (S, D)
-        self.seed_matrix = seeds
-        d = seeds.shape[1]
-        self.edges = np.append(np.arange(0, d, cfg.chunk_size), d)  # chunk c: [edges[c], edges[c + 1])
-        self.n_chunks = len(self.edges) - 1
-        s = len(seeds)
-        gram = np.empty((self.n_chunks, s, s))
-        for i in range(s):
-            for j in range(i, s):
-                gram[:, i, j] = gram[:, j, i] = np.add.reduceat(seeds[i] * seeds[j], self.edges[:-1])
+        s = len(space.seeds)
+        if space.gram is not None:  # hf_mixture: the space's cells are the grid, points are (cells, S) coefficients
+            if cfg.chunk_size != 1:
+                raise UserError("strategy.chunk_size: a mixture space sets the grid itself (space.chunk_size)")
+            gram = np.asarray(space.gram, np.float64)
+            self.seed_matrix = None
+            self.n_chunks = len(gram)
+        else:  # the seeds are the models themselves (dense vectors)
+            seeds = np.asarray(space.seeds, np.float64)  # (S, D)
+            self.seed_matrix = seeds
+            d = seeds.shape[1]
+            self.edges = np.append(np.arange(0, d, cfg.chunk_size), d)  # chunk c: [edges[c], edges[c + 1])
+            self.n_chunks = len(self.edges) - 1
+            gram = np.empty((self.n_chunks, s, s))
+            for i in range(s):
+                for j in range(i, s):
+                    gram[:, i, j] = gram[:, j, i] = np.add.reduceat(seeds[i] * seeds[j], self.edges[:-1])
         self.prefix = np.concatenate([np.zeros((1, s, s)), np.cumsum(gram, axis=0)])  # (C + 1, S, S)
 
     def _init_archive(self) -> None:
         self.archive = None  # no dense copies: members are coefficient lists
-        self.members: list[Member | None] = [None] * self.cfg.archive_size
+        # an empty slot is the zero model, as the dense form's zero rows (parents may be drawn from
+        # it while every score is 0)
+        self.empty = Member([0], np.zeros((1, len(self.seed_points))))
+        self.members: list[Member] = [self.empty] * self.cfg.archive_size
 
     # algebra on members ---------------------------------------------------------------------
     def _segments(self, *members: Member, extra: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +103,12 @@ class M2N2Coefficients(M2N2):
         return compress(starts, coefs)
 
     def materialize(self, m: Member) -> np.ndarray:
-        x = np.empty(self.seed_matrix.shape[1], np.float32)
+        """The point a member stands for: the dense model vector, or in a mixture space its
+        per-cell coefficients (the workers build the model from the seeds)."""
         ends = np.append(m.starts[1:], self.n_chunks)
+        if self.seed_matrix is None:
+            return np.repeat(m.coefs, ends - m.starts, axis=0).astype(np.float32).reshape(-1)
+        x = np.empty(self.seed_matrix.shape[1], np.float32)
         for s, e, c in zip(m.starts, ends, m.coefs):
             lo, hi = self.edges[s], self.edges[e]
             x[lo:hi] = c @ self.seed_matrix[:, lo:hi]
@@ -135,21 +149,23 @@ class M2N2Coefficients(M2N2):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["members"] = [None if m is None else (m.starts.copy(), m.coefs.copy()) for m in self.members]
+        state["members"] = [None if m is self.empty else (m.starts.copy(), m.coefs.copy()) for m in self.members]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         members = state.pop("members")
         super().load_state_dict(state)
-        self.members = [None if m is None else Member(*m) for m in members]
+        self.members = [self.empty if m is None else Member(*m) for m in members]
 
     def summary(self) -> dict:
         out = super().summary()
-        segs = [len(m.starts) for m in self.members if m is not None]
+        filled = [m for m in self.members if m is not self.empty]
+        segs = [len(m.starts) for m in filled]
         if segs:
             out.update(form="coefficients", chunks=self.n_chunks, segments_mean=float(np.mean(segs)),
                        segments_max=int(max(segs)),
-                       bytes_per_member_mean=float(np.mean([m.nbytes() for m in self.members if m is not None])),
-                       dense_bytes_per_member=4 * int(self.seed_matrix.shape[1]))
+                       bytes_per_member_mean=float(np.mean([m.nbytes() for m in filled])))
+            if self.seed_matrix is not None:
+                out["dense_bytes_per_member"] = 4 * int(self.seed_matrix.shape[1])
         return out

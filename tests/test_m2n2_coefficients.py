@@ -71,5 +71,5 @@ def test_coefficient_form_refuses_mutation_and_merge_spaces():
         build_strategy(M2N2Config(name="m2n2", form="coefficients"), space, 0)
     merge = SpaceInfo(dim=2, seeds=(np.zeros(2, np.float32),), lower=np.zeros(2), upper=np.ones(2),
                       layout=(("all", "weight", "a"), ("all", "weight", "b")))
-    with pytest.raises(UserError, match="use form: dense"):
+    with pytest.raises(UserError, match="use space.name: hf_mixture"):
         build_strategy(M2N2Config(name="m2n2", form="coefficients"), merge, 0)

@@ -109,3 +109,35 @@ def test_exported_recipe_yaml_reproduces_the_merge(tmp_path, method):
     assert set(theirs) <= set(ours)
     diff = max((ours[k].detach() - theirs[k]).abs().max().item() for k in theirs)
     assert diff <= 1e-6
+
+
+def test_exported_mixture_yaml_reproduces_the_mixture(tmp_path):
+    """An hf_mixture recipe (one coefficient per tensor and seed) is mergekit's linear, unnormalized."""
+    import subprocess
+
+    import numpy as np
+    import yaml
+    from safetensors.torch import load_file
+
+    from evomerge.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import tiny_family
+
+    base, experts = tiny_family(tmp_path)
+    space = HFMixtureSpace(HFMixtureSpaceConfig(
+        name="hf_mixture", include_base=True, cache_dir=str(tmp_path / "cache"),
+        models={"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}), seed=0)
+    recipe = space.decode(np.random.default_rng(3).normal(0.3, 0.5, space.dim))
+    model = space.open_runtime("cpu").materialize(recipe)
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(space.mergekit_config(recipe)))
+    subprocess.run([MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
+                    "--no-cuda", "--quiet"], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                   capture_output=True)
+    theirs = {}
+    for f in (tmp_path / "theirs").glob("*.safetensors"):
+        theirs.update(load_file(str(f)))
+    ours = dict(model.named_parameters())
+    assert set(theirs) <= set(ours)
+    diff = max((ours[k].detach() - theirs[k]).abs().max().item() for k in theirs)
+    assert diff <= 1e-6
