@@ -2,12 +2,14 @@
 next to task arithmetic over the same two pools.
 
     python run.py zoo tinylm --out zoo/tinylm-pool --unrelated 16     # once, about 10 minutes
-    python bench/frank_wolfe.py [--zoo zoo/tinylm-pool] [--steps 8]
+    python bench/frank_wolfe.py [--zoo zoo/tinylm-pool] [--steps 8] [--oracle black_box|gradient]
+                                [--kind generate|choice]
 
 Pools: the three skill experts of the tiny-LM family (relevant), and the same plus 16 experts
 fine-tuned on skills outside the family (irrelevant). For each pool, a task-wise Frank-Wolfe
-search (black-box oracle, `python run.py --config ...` on Ray workers) over task-arithmetic
-weights in [0, 1], and task arithmetic with one weight for every expert: 1.0, and the best of
+search (`--oracle`: black-box, one evaluation per pool model and step, or gradient, one evaluation
+and backward pass per step; `python run.py --config ...` on Ray workers) over task-arithmetic
+weights in [0, 1] (tasks scored by greedy exact match or by choice, `--kind`), and task arithmetic with one weight for every expert: 1.0, and the best of
 0.2 ... 1.0 on the search split. Quality: mean held-out accuracy over the three tasks.
 Target: Frank-Wolfe's quality with 16 irrelevant experts within 2 points of the relevant pool's.
 Results: bench/results/frank_wolfe.json.
@@ -30,14 +32,15 @@ from evomerge.config import load_config  # noqa: E402
 from evomerge.worker import FitnessWorker  # noqa: E402
 
 
-def config(fam: dict, experts: list[str], steps: int, cache: str) -> dict:
+def config(fam: dict, experts: list[str], steps: int, cache: str, oracle: str, kind: str) -> dict:
     skills = fam["skills"]
+    suffix = "_mc" if kind == "choice" else ""
     return {"seed": 0,
             "space": {"name": "hf_merge", "method": "task_arithmetic", "layer_granularity": 0,
                       "cache_dir": cache, "params": {"weight": {"low": 0.0, "high": 1.0}},
                       "models": {"base": fam["base"], "experts": {e: fam["experts"][e] for e in experts}}},
-            "strategy": {"name": "frank_wolfe", "mode": "taskwise", "steps": steps},
-            "fitness": {"name": "lm_tasks", "tasks": [{"name": s, "path": fam["tasks"][s], "kind": "generate",
+            "strategy": {"name": "frank_wolfe", "mode": "taskwise", "steps": steps, "oracle": oracle},
+            "fitness": {"name": "lm_tasks", "tasks": [{"name": s, "path": fam["tasks"][s + suffix], "kind": kind,
                                                        "limit": 64} for s in skills]},
             "engine": {"workers": 2, "batch_size": 2, "queue_depth": 2},
             "budget": {"max_evals": 100_000}}
@@ -52,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default="zoo/tinylm-pool")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--oracle", choices=["black_box", "gradient"], default="black_box")
+    ap.add_argument("--kind", choices=["generate", "choice"], default="generate")
     args = ap.parse_args()
     fam = json.loads((Path(args.zoo) / "family.json").read_text())
     skills = fam["skills"]
@@ -63,7 +68,7 @@ def main() -> None:
     rows = {}
     for label, experts in pools.items():
         cfg_path = tmp / f"{len(experts)}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config(fam, experts, args.steps, str(tmp / "tv"))))
+        cfg_path.write_text(yaml.safe_dump(config(fam, experts, args.steps, str(tmp / "tv"), args.oracle, args.kind)))
         out = tmp / f"run{len(experts)}"
         run_py("--config", str(cfg_path), "--out", str(out), "--no-progress", capture=False)
         summary = json.loads((out / "summary.json").read_text())
@@ -95,8 +100,9 @@ def main() -> None:
     print(f"{'drop (points)':28s}{drops['frank_wolfe']:14.1f}{drops['task_arithmetic_w1']:10.1f}"
           f"{drops['task_arithmetic_tuned']:10.1f}")
     print(f"Frank-Wolfe within 2 points: {abs(drops['frank_wolfe']) <= 2.0}")
-    write_results(ROOT / "bench" / "results" / "frank_wolfe.json",
-                  {"zoo": args.zoo, "steps": args.steps, "rows": rows, "drop_points": drops})
+    write_results(ROOT / "bench" / "results" / f"frank_wolfe_{args.oracle}_{args.kind}.json",
+                  {"zoo": args.zoo, "steps": args.steps, "oracle": args.oracle, "kind": args.kind, "rows": rows,
+                   "drop_points": drops})
 
 
 if __name__ == "__main__":

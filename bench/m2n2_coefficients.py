@@ -1,12 +1,15 @@
 """M2N2 coefficient form: bytes per archive member, measured on digits and computed for larger models.
 
-    python bench/m2n2_coefficients.py [--zoo zoo/tinylm] [--seeds 0 1 2]
+    python bench/m2n2_coefficients.py [--seeds 0 1 2] [--tinylm-evals 400]
 
 1. Measured: the quickstart search (two pretrained digit experts, 10,000 evaluations, `python run.py`)
    with `strategy.form: coefficients` at chunk sizes 1 (every coordinate may be a boundary, as in the
    dense form) and 1024, against the dense form: test accuracy, search seconds, segments per member,
    bytes per member (from summary.json's strategy section).
-2. Computed (nothing loaded beyond safetensors headers): a member of S seeds costs at most
+2. Measured on checkpoints (when zoo/tinylm is built): configs/tinylm_m2n2_mixture.yaml, M2N2's
+   coefficient form over the three tiny-LM experts (space hf_mixture, tensor grid): members'
+   segments and bytes next to the model's dense size, the seeds' and the best merge's fitness.
+3. Computed (nothing loaded beyond safetensors headers): a member of S seeds costs at most
    chunks x (8 + 8 S) bytes (a segment start and S float64 coefficients per segment), with the grid
    at tensor boundaries or at chunks of 2^20 coordinates; the dense form costs 4 bytes per parameter
    (float32; 2 in bfloat16). For the tiny LM (its base's header) and a 1.1B-parameter Llama
@@ -72,14 +75,32 @@ def measured(seeds: list[int]) -> dict:
     return out
 
 
+def measured_tinylm(evals: int) -> dict:
+    run = Path(tempfile.mkdtemp(prefix="m2n2-mixture-")) / "run"
+    run_py("--config", "configs/tinylm_m2n2_mixture.yaml", "--out", str(run), "--no-progress",
+           "--set", f"budget.max_evals={evals}")
+    s = json.loads((run / "summary.json").read_text())
+    evals_log = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    seeds = {e["id"]: e["fitness"] for e in evals_log if e["id"] < 3}
+    params = sum(header_sizes(ROOT / "zoo" / "tinylm" / "base"))
+    st = s["strategy"]
+    return {"evaluations": s["evaluations"], "search_seconds": s["search_seconds"],
+            "seed_fitness": seeds, "best_fitness": s["best"]["fitness"], "best_holdout": s["best"]["holdout"],
+            "segments_mean": st["segments_mean"], "segments_max": st["segments_max"], "cells": st["chunks"],
+            "bytes_per_member_mean": st["bytes_per_member_mean"], "dense_bytes_fp32": 4 * params}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", default="zoo/tinylm")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--tinylm-evals", type=int, default=400)
+    ap.add_argument("--skip-digits", action="store_true")
     args = ap.parse_args()
-    results = {"measured_digits": measured(args.seeds), "computed": []}
-    base = Path(args.zoo) / "base"
+    results = {"measured_digits": {} if args.skip_digits else measured(args.seeds), "computed": []}
+    base = ROOT / "zoo" / "tinylm" / "base"
     if base.is_dir():
+        results["measured_tinylm"] = measured_tinylm(args.tinylm_evals)
+        print("tiny LM, hf_mixture:", json.dumps(results["measured_tinylm"]), flush=True)
         results["computed"].append(computed("tiny LM (zoo)", header_sizes(base), seeds=3))
     results["computed"].append(computed("Llama 1.1B (TinyLlama shapes)",
                                         llama_tensor_sizes(22, 2048, 5632, 4, 64, 32000), seeds=3))

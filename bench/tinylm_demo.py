@@ -8,7 +8,8 @@ held-out split of the config's tasks by the real worker (resident model, in-plac
 the experts, the uniform average (linear, weights 1/n), task arithmetic (weights 1), TIES with
 mergekit's usual defaults (weight 1, density 0.5) and the evolved merge (the run's best recipe).
 Target: the evolved merge >= 90% of each expert's held-out accuracy on its own task, and above
-every training-free baseline.
+every training-free baseline. The config scores choice tasks (<skill>_mc.jsonl); every model is
+also scored by greedy exact match on the same held-out prompts (<skill>.jsonl) and reported.
 """
 from __future__ import annotations
 
@@ -49,12 +50,22 @@ def main() -> None:
     space, rt, fit = worker.space, worker.runtime, worker.fitness
     tasks = [t.name for t in cfg.fitness.tasks]
 
-    rows = {}
+    from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+
+    gen_tasks = [{"name": t.name, "path": t.path.replace("_mc.jsonl", ".jsonl"), "kind": "generate"}
+                 for t in cfg.fitness.tasks if t.path.endswith("_mc.jsonl")]
+    gen = LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", tasks=gen_tasks, batch_size=64)) if gen_tasks else None
+    rows, gen_rows = {}, {}
+
+    def score(name, model):
+        rows[name] = fit.holdout_model(model, rt.tokenizer)
+        if gen is not None:
+            gen_rows[name] = gen.holdout_model(model, rt.tokenizer)
+
     for label, path in space.expert_paths.items():
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        rows[f"expert {label}"] = fit.holdout_model(model, rt.tokenizer)
+        score(f"expert {label}", AutoModelForCausalLM.from_pretrained(path).eval())
     n = len(space.labels)
     baselines = {
         "uniform average": uniform_recipe(space, "linear", weight=1.0 / n),
@@ -62,14 +73,18 @@ def main() -> None:
         "TIES (w=1, density=0.5)": uniform_recipe(space, "ties", weight=1.0, density=0.5),
     }
     for name, recipe in baselines.items():
-        rows[name] = fit.holdout_model(rt.materialize(recipe), rt.tokenizer)
+        score(name, rt.materialize(recipe))
     eval_id, best = find_recipe(run, None)
-    rows[f"evolved (eval {eval_id})"] = fit.holdout_model(rt.materialize(best), rt.tokenizer)
+    score(f"evolved (eval {eval_id})", rt.materialize(best))
 
-    print(f"held-out accuracy{'':14s}" + "".join(f"{t:>10s}" for t in tasks) + "      mean")
-    for name, m in rows.items():
-        accs = [m[f"{t}_test_accuracy"] for t in tasks]
-        print(f"{name:31s}" + "".join(f"{a:10.3f}" for a in accs) + f"{sum(accs) / len(accs):10.3f}")
+    for title, table in (("held-out accuracy", rows), ("greedy exact match", gen_rows)):
+        if not table:
+            continue
+        names = [t for t in tasks if f"{t}_test_accuracy" in next(iter(table.values()))]
+        print(f"{title:31s}" + "".join(f"{t:>10s}" for t in names) + "      mean")
+        for name, m in table.items():
+            accs = [m[f"{t}_test_accuracy"] for t in names]
+            print(f"{name:31s}" + "".join(f"{a:10.3f}" for a in accs) + f"{sum(accs) / len(accs):10.3f}")
     evolved = rows[f"evolved (eval {eval_id})"]
     verdict = {}
     for t in tasks:
@@ -80,7 +95,8 @@ def main() -> None:
     beats = {name: mean(evolved) > mean(rows[name]) for name in baselines}
     print(f"evolved / expert on its own task: {verdict}; evolved mean above each baseline: {beats}")
     write_results(ROOT / "bench" / "results" / "tinylm_demo.json",
-                  {"run": str(run), "rows": rows, "ratio_to_expert": verdict, "beats": beats})
+                  {"run": str(run), "rows": rows, "generate_rows": gen_rows, "ratio_to_expert": verdict,
+                   "beats": beats})
 
 
 if __name__ == "__main__":
