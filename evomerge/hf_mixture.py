@@ -198,9 +198,9 @@ class MixtureRuntime(ResidentModel):
                 seeds = [ck.tensor(name).reshape(-1) for ck in self.space.seed_models.values()]
                 for i in idx:
                     _, lo, hi = self.space.cells[i]
-                    acc = torch.zeros(hi - lo, dtype=torch.float32)
+                    acc = torch.zeros(hi - lo, dtype=torch.float32, device=out.device)
                     for coef, t in zip(c[i], seeds):
                         if coef != 0.0:
-                            acc.add_(t[lo:hi].float(), alpha=float(coef))
+                            acc.add_(t[lo:hi].to(out.device, torch.float32, non_blocking=True), alpha=float(coef))
                     flat[lo:hi].copy_(acc)
         return self.model
