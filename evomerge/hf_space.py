@@ -330,9 +330,10 @@ class MergeRuntime(ResidentModel):
                     out.copy_(tmp)
         return self.model
 
-    def weight_gradient(self, recipe: dict, loss_fn) -> tuple[float, dict[str, list[float]]]:
+    def weight_gradient(self, recipe: dict, loss_fn, materialized: bool = False) -> tuple[float, dict[str, list[float]]]:
         """(loss, {group: d loss / d weight per expert}) at the recipe's merge, for the methods whose
         merged tensor is linear in the weights (task_arithmetic, linear; normalized or not).
+        `materialized`: the resident model already holds this recipe's merge.
 
         One backward pass through the resident model gives G = d loss / d W per tensor; the merged
         W = c + sum_k w_k X_k (X = task vectors, or the experts for linear) so d loss / d w_k = <G, X_k>,
@@ -345,7 +346,7 @@ class MergeRuntime(ResidentModel):
             raise ValueError(f"weight gradients need method {' or '.join(GRADIENT_METHODS)}, not {method}")
         normalize = recipe.get("normalize")
         normalize = (method == "linear") if normalize is None else normalize
-        model = self.materialize(recipe)
+        model = self.model if materialized else self.materialize(recipe)
         params = [p for p in self.targets.values() if isinstance(p, torch.nn.Parameter)]
         flags = [p.requires_grad for p in params]
         try:

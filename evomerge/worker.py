@@ -67,7 +67,8 @@ class FitnessWorker:
                 m = dict(m)
                 if "weight_gradient" in self.extras:
                     tok = self.runtime.tokenizer
-                    loss, grads = self.runtime.weight_gradient(recipe, lambda mdl: self.fitness.loss_model(mdl, tok))
+                    loss, grads = self.runtime.weight_gradient(recipe, lambda mdl: self.fitness.loss_model(mdl, tok),
+                                                               materialized=True)
                     m["loss"] = loss
                     for g, per in grads.items():
                         for label, v in zip(recipe["experts"], per):
