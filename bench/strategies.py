@@ -4,7 +4,9 @@
 
 digits: the quickstart setting (merging the two pretrained digit experts; 19,210 coordinates),
 10,000 evaluations. tinylm: configs/tinylm_ties_cmaes.yaml's layer-wise TIES space over the
-tiny-LM experts (build them first: python run.py zoo tinylm --out zoo/tinylm), 240 evaluations.
+tiny-LM experts and its fitness (choice tasks since the demo config switched to them; curves quoted
+before that were scored by greedy generation) (build them first: python run.py zoo tinylm --out
+zoo/tinylm), 240 evaluations.
 Each run is `python run.py --config ... --set strategy...`; the curve is the best training fitness
 seen after each tenth of the budget, averaged over seeds. Results: bench/results/strategies.json.
 """
