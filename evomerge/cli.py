@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = None
     space = build_space(cfg.space, cfg.seed)
     STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
-    _check_extras(cfg, space)
+    _preflight(cfg, space)
     engine = Engine(cfg, space, progress=not args.no_progress)
     # Ray starts while the seeds (e.g. trained experts) and the task vectors are made in a thread;
     # the workers start once the task vectors are on disk, to map rather than recompute them.
@@ -159,6 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if best:
         print(f"best fitness {best['fitness']:.4f} (eval {best['eval_id']}); held-out: "
               + json.dumps(best["holdout"]))
+    if summary["stop_reason"] == "fitness_stop":
+        print(f"stopped by the fitness: {summary.get('last_failure')}; continue with: python run.py --resume {out}",
+              file=sys.stderr)
     if summary["stop_reason"] == "interrupted":
         print(f"interrupted; continue with: python run.py --resume {out}", file=sys.stderr)
         return 130
@@ -170,11 +173,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_extras(cfg, space) -> None:
-    """What the strategy needs the workers to compute must be computable, before anything starts."""
+def _preflight(cfg, space) -> None:
+    """Refuse before anything starts what cannot work: the fitness's own checks (e.g. its API key) and
+    what the strategy needs the workers to compute."""
     from fitness import FITNESSES
     from populations import STRATEGIES
 
+    check = getattr(FITNESSES[cfg.fitness.name][1], "check", None)
+    if check is not None:
+        check(cfg.fitness)
     if "weight_gradient" in STRATEGIES[cfg.strategy.name][1].worker_extras(cfg.strategy):
         if not hasattr(space, "check_weight_gradient"):
             raise UserError(f"space.name: {cfg.space.name}: gradient oracles need a merge space (hf_merge)")
@@ -214,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["export"]:
             return cmd_export(argv[1:])
+        if argv[:1] == ["serve"]:
+            from .serve import serve_main
+
+            return serve_main(argv[1:])
         if argv[:1] == ["zoo"]:
             from .tinylm import zoo_main
 

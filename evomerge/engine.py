@@ -428,6 +428,11 @@ class Engine:
         per = out["seconds"] / len(task.jobs)
         for j, job in enumerate(task.jobs):
             err = out["errors"][j]
+            if err is not None and err.startswith("StopRun:"):  # e.g. the API budget is spent: stop cleanly,
+                self.queue.appendleft(job)                       # the candidate stays asked, not told
+                self.stop_requested = self.stop_requested or "fitness_stop"
+                self.last_failure = err
+                continue
             if err is not None:
                 self._retry_or_fail(job, err)
                 continue
@@ -662,7 +667,11 @@ class Engine:
         for attempt in range(len(self.workers) + 1):
             w = self.workers[attempt % len(self.workers)]
             try:
-                holdout = ray.get(w.holdout.remote(best["x"]))
+                try:
+                    holdout = ray.get(w.holdout.remote(best["x"]))
+                except ray.exceptions.RayTaskError as err:  # the held-out split could not be scored (e.g. the
+                    cause = err.cause if err.cause is not None else err  # API budget is spent): say so
+                    holdout = {"error": f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"}
                 info = {"eval_id": best["id"], "fitness": best["fitness"], **best["metrics"], **holdout}
                 tmp = rundir.path / ".best.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)

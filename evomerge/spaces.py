@@ -1,6 +1,7 @@
 """Registry of search spaces: add one with a module and a line in SPACES."""
 from __future__ import annotations
 
+from .api_space import APIWeightsSpace, APIWeightsSpaceConfig
 from .hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
 from .hf_space import HFMergeSpace, HFMergeSpaceConfig
 from .schema import Frozen
@@ -8,6 +9,7 @@ from .space import DigitsMLPSpace, DigitsMLPSpaceConfig, SearchSpace
 from .synthetic import SyntheticSpace, SyntheticSpaceConfig
 
 SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
+    "api_weights": (APIWeightsSpaceConfig, APIWeightsSpace),
     "digits_mlp": (DigitsMLPSpaceConfig, DigitsMLPSpace),
     "hf_merge": (HFMergeSpaceConfig, HFMergeSpace),
     "hf_mixture": (HFMixtureSpaceConfig, HFMixtureSpace),

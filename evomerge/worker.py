@@ -13,7 +13,7 @@ class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
     def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = ()):
-        from fitness import ModelFitness, build_fitness
+        from fitness import ModelFitness, RecipeFitness, build_fitness
 
         from .spaces import build_space
 
@@ -24,6 +24,7 @@ class FitnessWorker:
         self.space = build_space(space_cfg, seed)
         self.fitness = build_fitness(fitness_cfg)
         self.model_based = isinstance(self.fitness, ModelFitness)
+        self.recipe_based = isinstance(self.fitness, RecipeFitness)  # scored remotely, e.g. through an API
         if "torch" in sys.modules:  # imported by the space or fitness: before any heavy tensor work
             sys.modules["torch"].set_num_threads(threads)
         self.device = "cpu"
@@ -41,7 +42,7 @@ class FitnessWorker:
         "errors": [None or 'Type: message'] * B, "seconds", "worker"}.
         """
         start = time.perf_counter()
-        if not self.model_based:
+        if not self.model_based and not self.recipe_based:
             try:
                 ev = self.fitness.evaluate(batch)
                 out = self._pack([(float(f), None if ev.scores is None else ev.scores[j],
@@ -60,6 +61,9 @@ class FitnessWorker:
 
     def _one(self, x: np.ndarray) -> tuple:
         try:
+            if self.recipe_based:
+                f, s, m = self.fitness.evaluate_recipe(self.space.decode(x))
+                return float(f), s, dict(m), None
             if self.model_based:
                 recipe = self.space.decode(x)
                 model = self.runtime.materialize(recipe)
@@ -95,6 +99,8 @@ class FitnessWorker:
                 "errors": [r[3] for r in rows]}
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
+        if self.recipe_based:
+            return self.fitness.holdout_recipe(self.space.decode(x))
         if not self.model_based:
             return self.fitness.holdout(x)
         model = self.runtime.materialize(self.space.decode(x))

@@ -1,10 +1,12 @@
 """Evaluators. Add one: a module plus a line in FITNESSES."""
-from .base import BatchEvaluation, Fitness, ModelFitness
+from .api import APIFitness, APIFitnessConfig
+from .base import BatchEvaluation, Fitness, ModelFitness, RecipeFitness, StopRun
 from .digits import DigitsFitness, DigitsFitnessConfig
 from .lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 from .synthetic import SyntheticFitness, SyntheticFitnessConfig
 
 FITNESSES = {
+    "api": (APIFitnessConfig, APIFitness),
     "digits": (DigitsFitnessConfig, DigitsFitness),
     "lm_tasks": (LMTasksFitnessConfig, LMTasksFitness),
     "synthetic": (SyntheticFitnessConfig, SyntheticFitness),
@@ -15,4 +17,4 @@ def build_fitness(cfg) -> Fitness:
     return FITNESSES[cfg.name][1](cfg)
 
 
-__all__ = ["BatchEvaluation", "Fitness", "ModelFitness", "FITNESSES", "build_fitness"]
+__all__ = ["BatchEvaluation", "Fitness", "ModelFitness", "RecipeFitness", "StopRun", "FITNESSES", "build_fitness"]

@@ -70,3 +70,33 @@ class ModelFitness(ABC):
     #     def loss_model(self, model, tokenizer) -> torch.Tensor
     # a scalar loss on the search split with its autograd graph (lower is better), which gradient-based
     # oracles (Frank-Wolfe's `oracle: gradient`) differentiate through the resident model.
+
+
+class RecipeFitness(ABC):
+    """A fitness that scores a recipe without materializing anything locally (e.g. through an API that
+    merges server-side). The worker decodes each candidate and calls `evaluate_recipe`."""
+
+    spaces: tuple[str, ...] = ()
+
+    @classmethod
+    def objectives(cls, cfg) -> list[str]:
+        """As Fitness.objectives."""
+        return []
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Refuse, in the driver before anything starts, what cannot work (e.g. a missing API key)."""
+
+    @abstractmethod
+    def evaluate_recipe(self, recipe: dict) -> tuple[float, np.ndarray, dict[str, float]]:
+        """(fitness, per-example scores, metrics) on the search split."""
+
+    @abstractmethod
+    def holdout_recipe(self, recipe: dict) -> dict[str, float]:
+        """Metrics on the held-out split."""
+
+
+class StopRun(Exception):
+    """Raised by a fitness when the run must stop cleanly (e.g. its API budget is spent): the candidate
+    is neither failed nor logged, the engine checkpoints and stops; a resumed run evaluates it."""
+

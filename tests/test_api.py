@@ -1,0 +1,195 @@
+"""`run.py serve` (OpenAI-compatible, merges per request) queried by the real `openai` client, and the
+API fitness searching merge weights through it, with injected 429 / 500 / timeouts / bad bodies."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from hf_models import tiny_family
+
+KEY = "sk-test-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cfg_path, *extra, env=None):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "run.py", "serve", "--config", str(cfg_path), "--port", str(port), *extra],
+                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, port
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read())
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def health(port) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    base, experts = tiny_family(root)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "split": "train" if i < 8 else "test"}
+            for i, (a, b) in enumerate((i % 5, i % 3) for i in range(12))]
+    (root / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mc = [{"prompt": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "answer": 0, "split": "train"}
+          for a, b in [(1, 2), (2, 2), (3, 1)]]
+    (root / "add_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    cfg = {"space": {"name": "hf_merge", "method": "task_arithmetic", "layer_granularity": 0,
+                     "cache_dir": str(root / "tv"),
+                     "models": {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}},
+           "strategy": {"name": "random"},
+           "fitness": {"name": "lm_tasks", "tasks": [{"name": "add", "path": str(root / "add.jsonl"),
+                                                      "kind": "generate"}]}}
+    (root / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(family):
+    proc, port = start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY",
+                              env={"EVOMERGE_TEST_KEY": KEY})
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(port, key=KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_models_completions_chat_and_logprobs(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["base", "a", "b", "c"]
+    r = c.completions.create(model="a", prompt="1+2=", max_tokens=4, temperature=0, logprobs=2)
+    again = c.completions.create(model="a", prompt="1+2=", max_tokens=4, temperature=0, logprobs=2)
+    assert r.choices[0].text == again.choices[0].text  # greedy is deterministic
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.completion_tokens == len(lp.token_logprobs) and r.usage.prompt_tokens > 0
+    assert all(max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    echo = c.completions.create(model="base", prompt="1+2=3", max_tokens=0, echo=True, logprobs=0)
+    assert echo.choices[0].text == "1+2=3" and echo.choices[0].logprobs.token_logprobs[0] is None
+    chat = c.chat.completions.create(model="b", messages=[{"role": "user", "content": "2+2="}], max_tokens=3,
+                                     temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.role == "assistant" and len(chat.choices[0].logprobs.content) <= 3
+
+
+def test_merge_coefficients_in_the_request_pick_the_model(server):
+    c = client(server)
+
+    def ll(**kw):
+        r = c.completions.create(prompt="3+4=7", max_tokens=0, echo=True, logprobs=0, **kw)
+        return r.choices[0].logprobs.token_logprobs[1:]
+
+    before = health(server)["merges"]
+    as_b = ll(model="base", extra_body={"merge": {"weights": {"b": 1.0}}})
+    assert as_b == pytest.approx(ll(model="b"), abs=1e-5)  # expert b == base + 1.0 * task vector b
+    half = ll(model="base", extra_body={"merge": {"weights": {"a": 0.5, "c": 0.25}}})
+    assert half != pytest.approx(ll(model="base"), abs=1e-4)
+    same = ll(model="base", extra_body={"merge": {"weights": {"a": 0.5, "c": 0.25}}})
+    assert same == half
+    h = health(server)
+    assert h["merge_reused"] >= 1 and h["merges"] - before <= 5
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
+    import openai
+
+    c = client(server)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist"):
+        c.completions.create(model="nope", prompt="1")
+    with pytest.raises(openai.BadRequestError, match="unknown expert 'zz'"):
+        c.completions.create(model="base", prompt="1", extra_body={"merge": {"weights": {"zz": 1.0}}})
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model="base", prompt="1", max_tokens=-3)
+    with pytest.raises(openai.BadRequestError, match="merge.recipe"):
+        c.completions.create(model="base", prompt="1", extra_body={"merge": {"recipe": {"method": "ties"}}})
+    req = urllib.request.Request(f"http://127.0.0.1:{server}/v1/completions", data=b"{oops",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 400 and "not valid JSON" in json.loads(err.value.read())["error"]["message"]
+    assert c.completions.create(model="base", prompt="1+1=", max_tokens=2, temperature=0).choices
+
+
+def test_missing_api_key_variable_is_one_line(family, cli):
+    r = cli("serve", "--config", str(family / "serve.yaml"), "--api-key-env", "EVOMERGE_UNSET_VAR_XYZ")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --api-key-env EVOMERGE_UNSET_VAR_XYZ: the environment variable is not set or empty"]
+
+
+def search_config(family, port, tmp_path, **fitness) -> str:
+    cfg = {"seed": 0,
+           "space": {"name": "api_weights", "models": ["a", "b", "c"], "weight": {"low": -0.5, "high": 1.0}},
+           "strategy": {"name": "cmaes", "popsize": 4, "sigma0": 0.3, "x0": "center"},
+           "fitness": {"name": "api", "base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": "EVOMERGE_TEST_KEY",
+                       "tasks": [{"name": "add", "path": str(family / "add.jsonl"), "kind": "generate",
+                                  "max_new_tokens": 2},
+                                 {"name": "add_mc", "path": str(family / "add_mc.jsonl"), "kind": "choice"}],
+                       **fitness},
+           "engine": {"workers": 2, "batch_size": 1, "queue_depth": 1},
+           "budget": {"max_evals": 8}}
+    path = tmp_path / "api.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_with_key(*args):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "EVOMERGE_TEST_KEY": KEY})
+
+
+def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(family, tmp_path):
+    proc, port = start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY", "--chaos", "0.2",
+                              "--chaos-timeout-s", "1.5", env={"EVOMERGE_TEST_KEY": KEY})
+    try:
+        cfg = search_config(family, port, tmp_path, timeout_s=0.75, backoff_s=0.01, concurrency=4)
+        out = tmp_path / "run"
+        r = run_with_key("--config", cfg, "--out", str(out), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+        assert len(evals) == 8 and not any(e.get("failed") for e in evals)  # retried, never lost
+        assert sum(e["metrics"]["api_retries"] for e in evals) > 0
+        chaos = health(port)["chaos"]
+        assert chaos["429"] + chaos["500"] + chaos["timeout"] + chaos["malformed"] > 0
+        # a hard budget: the run stops cleanly once it is spent, never above it
+        before = health(port)["chaos"]["posts"]
+        out2 = tmp_path / "run2"
+        cfg2 = search_config(family, port, tmp_path, timeout_s=0.75, backoff_s=0.01, concurrency=4,
+                             max_requests=40, cache_size=0)
+        r = run_with_key("--config", cfg2, "--out", str(out2), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert "stopped by the fitness: StopRun: API budget spent" in r.stderr
+        summary = json.loads((out2 / "summary.json").read_text())
+        assert summary["stop_reason"] == "fitness_stop" and summary["failed"] == 0
+        assert 0 < health(port)["chaos"]["posts"] - before <= 40
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    for f in list(out.rglob("*")) + list(out2.rglob("*")):  # the key is in no file of the runs
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
