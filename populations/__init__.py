@@ -1,6 +1,7 @@
 """Search strategies behind one ask/tell interface. Add one: a module plus a line in STRATEGIES."""
 from .base import Candidate, Result, SpaceInfo, Strategy
 from .cmaes import CMAES, CMAESConfig
+from .evo_merging import EvoMerging, EvoMergingConfig
 from .frank_wolfe import FrankWolfe, FrankWolfeConfig
 from .m2n2 import M2N2, M2N2Config
 from .ngopt import Nevergrad, NevergradConfig
@@ -12,6 +13,7 @@ STRATEGIES = {
     "random": (RandomSearchConfig, RandomSearch),
     "nevergrad": (NevergradConfig, Nevergrad),
     "frank_wolfe": (FrankWolfeConfig, FrankWolfe),
+    "evo_merging": (EvoMergingConfig, EvoMerging),
 }
 
 

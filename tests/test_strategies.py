@@ -41,7 +41,7 @@ def drive(strategy, rounds):
         strategy.tell(results)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES) if n != "frank_wolfe"])  # FW: merge spaces
+@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES) if n not in ("frank_wolfe", "evo_merging")])  # merge spaces
 def test_state_round_trip_gives_the_identical_next_ask(name):
     a = build_strategy(config(name), space(), seed=3)
     drive(a, 10)
@@ -57,7 +57,7 @@ def test_state_round_trip_gives_the_identical_next_ask(name):
         drive(b, 1)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES) if n != "frank_wolfe"])  # FW: merge spaces
+@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES) if n not in ("frank_wolfe", "evo_merging")])  # merge spaces
 def test_search_improves_on_a_toy_problem(name):
     st = build_strategy(config(name), space(), seed=0)
     best = 0.0
@@ -214,3 +214,38 @@ def test_frank_wolfe_state_round_trip_mid_step_and_bad_spaces():
         build_strategy(cfg, space(), 0)
     with pytest.raises(UserError, match="strategy.param: 'density' is not searched"):
         build_strategy(STRATEGIES["frank_wolfe"][0](name="frank_wolfe", param="density"), info, 0)
+
+
+def test_evo_merging_keeps_the_relevant_experts_with_their_signs_and_scales_them():
+    import pickle
+
+    from populations.evo_merging import EvoMergingConfig
+
+    names = [f"e{i}" for i in range(12)]
+    target = {"e2": 0.8, "e5": 0.5, "e7": -0.6}
+    info = SpaceInfo(dim=12, seeds=(np.zeros(12, np.float32),), lower=np.full(12, -1.0), upper=np.full(12, 1.0),
+                     layout=tuple(("all", "weight", n) for n in names))
+
+    def fitness(x):  # only e2, e5, e7 matter; any weight on the others hurts
+        return -sum((x[i] - target.get(n, 0.0)) ** 2 + (0.5 * x[i] ** 2 if n not in target else 0)
+                    for i, n in enumerate(names))
+
+    st = build_strategy(EvoMergingConfig(name="evo_merging", popsize=8), info, 0)
+    probes = st.ask(100)
+    assert len(probes) == 1 + 2 * 12 and not st.ask(1)  # stage 1 is one batch: base + each expert at +-w
+    st.tell([Result(c, fitness(c.x)) for c in probes])
+    s = st.summary()
+    assert sorted(s["kept"]) == ["e2", "e5", "e7"] and s["sign"] == {"e2": 1, "e5": 1, "e7": -1}
+    clone = build_strategy(EvoMergingConfig(name="evo_merging", popsize=8), info, 0)
+    clone.load_state_dict(pickle.loads(pickle.dumps(st.state_dict())))
+    best = -np.inf
+    for _ in range(40):
+        cands = st.ask(100)
+        assert all(np.count_nonzero(c.x) <= 3 for c in cands)  # only the kept experts move
+        np.testing.assert_array_equal(np.stack([c.x for c in cands]), np.stack([c.x for c in clone.ask(100)]))
+        res = [Result(c, fitness(c.x)) for c in cands]
+        st.tell(res)
+        clone.tell(res)
+        best = max(best, max(r.fitness for r in res))
+    assert best > -1e-3
+    assert st.summary()["cma_best_weights"] == pytest.approx(target, abs=0.05)
