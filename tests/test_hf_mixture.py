@@ -119,14 +119,14 @@ def test_m2n2_over_checkpoints_end_to_end(cli, family, tmp_path):
         "fitness": {"name": "lm_tasks", "tasks": [{"name": "add", "path": str(tmp_path / "add.jsonl"),
                                                    "kind": "generate", "max_new_tokens": 3}]},
         "engine": {"workers": 2, "batch_size": 2},
-        "budget": {"max_evals": 12},
+        "budget": {"max_evals": 8},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     r = cli("--config", str(tmp_path / "cfg.yaml"), "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["evaluations"] == 12 and summary["failed"] == 0
+    assert summary["evaluations"] == 8 and summary["failed"] == 0
     assert summary["strategy"]["form"] == "coefficients"
     evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
     assert all(e["recipe"]["method"] == "mixture" and e["recipe"]["models"] == ["a", "b", "c"] for e in evals)
