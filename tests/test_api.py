@@ -2,42 +2,23 @@
 API fitness searching merge weights through it, with injected 429 / 500 / timeouts / bad bodies."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 
 import pytest
 import yaml
 
 from conftest import ROOT
+from evomerge.serve import LocalServer
 from hf_models import tiny_family
 
 KEY = "sk-test-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cfg_path, *extra, env=None):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "run.py", "serve", "--config", str(cfg_path), "--port", str(port), *extra],
-                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc, port
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+def start_server(cfg_path, *extra, env=None) -> LocalServer:
+    return LocalServer("--config", str(cfg_path), *extra, env=env)
 
 
 def health(port) -> dict:
@@ -66,11 +47,9 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(family):
-    proc, port = start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY",
-                              env={"EVOMERGE_TEST_KEY": KEY})
-    yield port
-    proc.terminate()
-    proc.wait(timeout=30)
+    with start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY",
+                      env={"EVOMERGE_TEST_KEY": KEY}) as srv:
+        yield srv.port
 
 
 def client(port, key=KEY):
@@ -164,8 +143,9 @@ def run_with_key(*args):
 
 
 def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(family, tmp_path):
-    proc, port = start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY", "--chaos", "0.2",
-                              "--chaos-timeout-s", "1.5", env={"EVOMERGE_TEST_KEY": KEY})
+    srv = start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY", "--chaos", "0.2",
+                       "--chaos-timeout-s", "1.5", env={"EVOMERGE_TEST_KEY": KEY})
+    port = srv.port
     try:
         cfg = search_config(family, port, tmp_path, timeout_s=0.75, backoff_s=0.01, concurrency=4)
         out = tmp_path / "run"
@@ -188,8 +168,7 @@ def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(fami
         assert summary["stop_reason"] == "fitness_stop" and summary["failed"] == 0
         assert 0 < health(port)["chaos"]["posts"] - before <= 40
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        srv.close()
     for f in list(out.rglob("*")) + list(out2.rglob("*")):  # the key is in no file of the runs
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
