@@ -9,8 +9,9 @@ Two settings (`mode`):
   generate tasks by weighted vote over the models' answers, choice tasks by the weighted sum of
   the models' log-likelihoods of each choice (from ``echo`` + ``logprobs`` completions).
 
-Tasks are the lm_tasks JSONL files. Generate answers are compared exactly (after strip) or through
-`answer_regex` (its first group, or the whole match, is compared); choice tasks need logprobs.
+Tasks are the lm_tasks JSONL files. Generate answers are compared exactly (after strip), through
+`answer_regex` (its first group, or the whole match, is compared), or judged by `judge_model` (a
+yes/no prompt with the reference answer); choice tasks need logprobs.
 
 Made for paid services: at most `concurrency` requests in flight per worker; 429, 5xx, timeouts,
 connection errors and malformed bodies are retried with exponential backoff and jitter (never
@@ -54,6 +55,11 @@ class APIFitnessConfig(Frozen):
     tasks: list[TaskSpec] = Field(..., min_length=1, description="JSONL tasks as for lm_tasks")
     answer_regex: str | None = Field(None, description="generate tasks: compare this pattern's first group "
                                                        "(or match) of the answer text instead of the whole text")
+    judge_model: str | None = Field(None, description="generate tasks: let this model (same endpoint) judge each "
+                                                      "answer against the reference instead of comparing text")
+    judge_prompt: str = Field("Question: {prompt}\nReference answer: {answer}\nCandidate answer: {output}\n"
+                              "Is the candidate answer correct? Answer yes or no.\nAnswer:",
+                              description="the judge's prompt; its reply counts as correct when it starts with 'yes'")
     concurrency: int = Field(4, ge=1, le=256, description="requests in flight per worker")
     timeout_s: float = Field(30.0, gt=0, description="per request")
     max_retries: int = Field(6, ge=0, description="retries of a request after 429 / 5xx / timeout / bad body")
@@ -233,7 +239,13 @@ class APIFitness(RecipeFitness):
         if not votes:
             return 0.0
         # the answer with the largest total weight; ties go to the earliest model's answer
-        return float(max(votes.items(), key=lambda kv: kv[1])[0] == answer)
+        chosen = max(votes.items(), key=lambda kv: kv[1])[0]
+        if self.cfg.judge_model is None:
+            return float(chosen == answer)
+        verdict = self._request(usage, **self._params(
+            self.cfg.judge_model, self.cfg.judge_prompt.format(prompt=prompt, answer=answer, output=chosen), None,
+            max_tokens=3))
+        return float(verdict["text"].strip().lower().startswith("yes"))
 
     def _extract(self, text: str) -> str:
         text = text.split("\n", 1)[0].strip()

@@ -172,3 +172,26 @@ def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(fami
     for f in list(out.rglob("*")) + list(out2.rglob("*")):  # the key is in no file of the runs
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
+
+
+def test_ensemble_mode_and_judge_through_the_openai_client(server, family, monkeypatch):
+    from fitness.api import APIFitness, APIFitnessConfig
+
+    monkeypatch.setenv("EVOMERGE_TEST_KEY", KEY)
+    common = dict(name="api", base_url=f"http://127.0.0.1:{server}/v1", api_key_env="EVOMERGE_TEST_KEY",
+                  tasks=[{"name": "add", "path": str(family / "add.jsonl"), "kind": "generate", "max_new_tokens": 2},
+                         {"name": "add_mc", "path": str(family / "add_mc.jsonl"), "kind": "choice"}])
+    merge = APIFitness(APIFitnessConfig(**common))
+    ensemble = APIFitness(APIFitnessConfig(**common, mode="ensemble"))
+    only_b = {"weights": {"a": 0.0, "b": 1.0, "c": 0.0}}
+    f_merge, s_merge, m = merge.evaluate_recipe(only_b)  # server-side merge == expert b
+    f_ens, s_ens, m_ens = ensemble.evaluate_recipe(only_b)  # a vote of b alone
+    assert f_merge == f_ens and list(s_merge) == list(s_ens)
+    assert m_ens["api_requests"] == 8 + 3 * 2 and m["api_prompt_tokens"] > 0
+    again = ensemble.evaluate_recipe(only_b)[2]
+    assert again["api_requests"] == 0 and again["api_cached"] == 8 + 3 * 2  # served from the response cache
+    _, _, m3 = ensemble.evaluate_recipe({"weights": {"a": 0.5, "b": 0.3, "c": -0.2}})
+    assert m3["api_requests"] == 3 * (8 + 3 * 2) - m3["api_cached"]
+    judged = APIFitness(APIFitnessConfig(**common, judge_model="base"))
+    _, scores, mj = judged.evaluate_recipe(only_b)
+    assert mj["api_requests"] == 8 + 8 + 3 * 2 and set(scores[:8]) <= {0.0, 1.0}  # one judge call per answer
