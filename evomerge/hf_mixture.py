@@ -43,14 +43,14 @@ class HFMixtureSpaceConfig(Frozen):
 
 class HFMixtureSpace(SearchSpace):
     def __init__(self, cfg: HFMixtureSpaceConfig, seed: int):
-        from .pool import Checkpoint, check_compatible, is_float_dtype
+        from .pool import Checkpoint, check_compatible, is_float_dtype, open_expert
 
         self.cfg = cfg
         self.seed = seed
         self.base_path = resolve_model(cfg.models.base, "base")
         self.expert_paths = {k: resolve_model(v, f"experts.{k}") for k, v in cfg.models.experts.items()}
         self.base = Checkpoint.open(self.base_path)
-        experts = {k: Checkpoint.open(p) for k, p in self.expert_paths.items()}
+        experts = {k: open_expert(p, self.base) for k, p in self.expert_paths.items()}
         check_compatible(self.base, experts)
         self.labels = (["base"] if cfg.include_base else []) + list(experts)
         if cfg.include_base and "base" in experts:
@@ -118,7 +118,7 @@ class HFMixtureSpace(SearchSpace):
     def gram_path(self) -> Path:
         key = hashlib.sha256(f"gram:{self.cfg.chunk_size}:{self.labels}".encode())
         for ck in self.seed_models.values():
-            for f in sorted(set(ck.files.values())):
+            for f in ck.source_files():
                 st = f.stat()
                 key.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
         root = Path(self.cfg.cache_dir or Path.home() / ".cache" / "evomerge" / "task_vectors")

@@ -117,7 +117,7 @@ def resolve_model(ref: str, what: str) -> Path:
 
 class HFMergeSpace(SearchSpace):
     def __init__(self, cfg: HFMergeSpaceConfig, seed: int):
-        from .pool import Checkpoint, check_compatible, group_of
+        from .pool import Checkpoint, check_compatible, group_of, open_expert
 
         self.cfg = cfg
         self.seed = seed
@@ -125,7 +125,7 @@ class HFMergeSpace(SearchSpace):
         self.base_path = resolve_model(cfg.models.base, "base")
         self.expert_paths = {k: resolve_model(v, f"experts.{k}") for k, v in cfg.models.experts.items()}
         self.base = Checkpoint.open(self.base_path)
-        self.experts = {k: Checkpoint.open(p) for k, p in self.expert_paths.items()}
+        self.experts = {k: open_expert(p, self.base) for k, p in self.expert_paths.items()}
         check_compatible(self.base, self.experts)
         k = cfg.layer_granularity
         self.tensor_group = {

@@ -101,6 +101,75 @@ class Checkpoint:
         return out
 
 
+    def source_files(self) -> list[Path]:
+        """The files this model's tensors are read from."""
+        return sorted(set(self.files.values()))
+
+
+class Adapter:
+    """A LoRA expert (a PEFT adapter directory: adapter_config.json + adapter_model.safetensors) seen as
+    a full checkpoint: tensor(name) is the base's, plus scale * B @ A where the adapter targets it
+    (scale = lora_alpha / r, or / sqrt(r) with use_rslora), as PEFT's merge_and_unload computes it."""
+
+    def __init__(self, path: Path, base: Checkpoint):
+        self.path, self.base = Path(path), base
+        try:
+            cfg = json.loads((self.path / "adapter_config.json").read_text())
+        except ValueError as e:
+            raise UserError(f"{self.path / 'adapter_config.json'}: not JSON ({e})") from None
+        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+            raise UserError(f"{self.path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA)")
+        self.file = self.path / "adapter_model.safetensors"
+        if not self.file.exists():
+            raise UserError(f"{self.path}: no adapter_model.safetensors")
+        r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        names = set(base.names())
+        self.lora: dict[str, tuple[str, str, float]] = {}  # base tensor -> (A key, B key, scale)
+        for key in _mapped(self.file):
+            if ".lora_A." not in key:
+                if ".lora_B." not in key:
+                    raise UserError(f"{self.file}: tensor {key} is not a LoRA A/B matrix (only those are supported)")
+                continue
+            target = key.split(".lora_A.")[0]
+            target = target[len("base_model.model."):] if target.startswith("base_model.model.") else target
+            name = f"{target}.weight"
+            if name not in names:
+                raise UserError(f"{self.file}: {key} adapts {name}, which the base lacks")
+            rank_pattern = cfg.get("rank_pattern") or {}
+            alpha_pattern = cfg.get("alpha_pattern") or {}
+            rr = next((int(v) for k, v in rank_pattern.items() if target.endswith(k)), r)
+            aa = next((float(v) for k, v in alpha_pattern.items() if target.endswith(k)), alpha)
+            scale = aa / (rr ** 0.5) if cfg.get("use_rslora") else aa / rr
+            self.lora[name] = (key, key.replace(".lora_A.", ".lora_B."), scale)
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def slices(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return self.base.slices()
+
+    def source_files(self) -> list[Path]:
+        return sorted(set(self.base.source_files()) | {self.file})
+
+    def tensor(self, name: str) -> torch.Tensor:
+        w = self.base.tensor(name)
+        if name not in self.lora:
+            return w
+        ka, kb, scale = self.lora[name]
+        views = _mapped(self.file)
+        delta = views[kb].float() @ views[ka].float()
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return (w.float() + scale * delta).to(w.dtype)
+
+
+def open_expert(path: str | Path, base: Checkpoint):
+    """An expert directory: a full checkpoint, or a LoRA adapter of `base`."""
+    p = Path(path)
+    return Adapter(p, base) if (p / "adapter_config.json").exists() else Checkpoint.open(p)
+
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
