@@ -195,3 +195,30 @@ def test_ensemble_mode_and_judge_through_the_openai_client(server, family, monke
     judged = APIFitness(APIFitnessConfig(**common, judge_model="base"))
     _, scores, mj = judged.evaluate_recipe(only_b)
     assert mj["api_requests"] == 8 + 8 + 3 * 2 and set(scores[:8]) <= {0.0, 1.0}  # one judge call per answer
+
+
+def test_budget_reserves_an_upper_bound_and_settles_to_the_usage():
+    from fitness.api import Budget
+
+    b = Budget(max_requests=3, max_tokens=100)
+    assert b.reserve(60) and not b.reserve(50)  # 110 > 100 tokens
+    b.settle(60, 20)
+    assert b.reserve(50) and b.reserve(10) and not b.reserve(1)  # the 4th request is over max_requests
+    assert b.spent() == {"requests": 3, "tokens": 80}
+
+
+def test_serve_a_run_answers_model_merged_with_its_best(family, tmp_path):
+    cfg = yaml.safe_load((family / "serve.yaml").read_text())
+    cfg.update(engine={"workers": 1, "batch_size": 1}, budget={"max_evals": 2})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "run.py", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"),
+                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    best = json.loads((tmp_path / "run" / "best" / "recipe.json").read_text())
+    with LocalServer("--run", str(tmp_path / "run")) as srv:
+        c = client(srv.port)
+        assert [m.id for m in c.models.list().data] == ["merged", "base", "a", "b", "c"]
+        got = c.completions.create(model="merged", prompt="1+2=3", max_tokens=0, echo=True, logprobs=0)
+        same = c.completions.create(model="base", prompt="1+2=3", max_tokens=0, echo=True, logprobs=0,
+                                    extra_body={"merge": {"recipe": best}})
+        assert got.choices[0].logprobs.token_logprobs == same.choices[0].logprobs.token_logprobs
