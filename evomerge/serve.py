@@ -199,7 +199,7 @@ class ModelHost:
                         finish = "stop"
                         break
                     step_ids = torch.tensor([[nxt]], dtype=torch.long, device=dev)
-        text = tok.decode(out_ids, skip_special_tokens=True)
+            text = tok.decode(out_ids, skip_special_tokens=True)
         for s in stop:
             if s in text:
                 text = text[:text.index(s)]
@@ -215,7 +215,8 @@ class ModelHost:
         return e
 
     def prompt_ids(self, text: str) -> list[int]:
-        ids = self.rt.tokenizer(text)["input_ids"]
+        with self.lock:  # a fast tokenizer is not safe to share between request threads
+            ids = self.rt.tokenizer(text)["input_ids"]
         if not ids:
             raise RequestError(400, "prompt: empty after tokenization", "prompt")
         return list(ids)
@@ -224,7 +225,8 @@ class ModelHost:
         tok = self.rt.tokenizer
         msgs = [m.model_dump() for m in messages]
         if getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+            with self.lock:
+                return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
         # no chat template (e.g. the tiny LM): the messages' contents, one per line, are the prompt
         return self.prompt_ids("\n".join(m["content"] for m in msgs))
 
