@@ -181,7 +181,7 @@ def main() -> None:
         results["faults"] = faults(zoo, tmp)
     if "evo" in args.only:
         results["evo"] = evo(repo, tmp)
-    write_results(ROOT / "bench" / "results" / "api.json", results)
+    write_results(ROOT / "bench" / "results" / "api.json", results, merge=True)
 
 
 if __name__ == "__main__":
