@@ -83,7 +83,8 @@ def default_out(config: str) -> Path:
     return out
 
 
-RESUMABLE_SETS = ("budget.", "engine.address=", "progress_every_s=")
+RESUMABLE_SETS = ("budget.", "engine.address=", "progress_every_s=", "fitness.max_requests=",
+                  "fitness.max_tokens=")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -102,8 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--resume: the run directory holds its config; drop --config and --out")
         for item in args.set:
             if not item.startswith(RESUMABLE_SETS):
-                raise UserError(f"--set {item}: a resumed run may change only budget.*, engine.address "
-                                "and progress_every_s")
+                raise UserError(f"--set {item}: a resumed run may change only budget.*, engine.address, "
+                                "progress_every_s and an API fitness's max_requests / max_tokens")
         out = Path(args.resume)
         run = RunDir.open(out)
         cfg = validate(apply_sets(read_yaml(out / "config.yaml"), args.set))
@@ -125,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seeds = pool.submit(space.seeds)
         with RayCluster(cfg.engine):
             prepared.result()
-            engine.launch_workers()
+            engine.launch_workers(Engine.saved_shared_state(run) if run is not None else None)
             layout = getattr(space, "layout", None)
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
                              upper=space.upper, random_seeds=space.random_seeds,

@@ -166,9 +166,17 @@ class Engine:
         self.journal_no = 0
 
     # workers ----------------------------------------------------------------------------
-    def launch_workers(self) -> None:
-        """Create the worker actors; they start in the background (see wait_workers)."""
+    def launch_workers(self, shared_state=None) -> None:
+        """Create the worker actors; they start in the background (see wait_workers).
+
+        First, what the fitness shares between its workers (e.g. an API budget actor), from
+        `shared_state` (what a resumed run's checkpoint holds), so every worker finds it."""
         import ray
+
+        from fitness import FITNESSES
+
+        opener = getattr(FITNESSES[self.cfg.fitness.name][1], "open_shared", None)
+        self.shared = opener(self.cfg.fitness, shared_state) if opener is not None else None
 
         self._launched = time.perf_counter()
         e = self.cfg.engine
@@ -244,7 +252,8 @@ class Engine:
                 "elapsed": self.elapsed(), "sessions": self.sessions, "best": dict(self.best),
                 "cache": [(k, r, pack_scores(s)) for k, (r, s) in self.cache.items()],
                 "stop_reason": self.stop_reason, "last_failure": self.last_failure,
-                "front": None if self.front is None else self.front.members}
+                "front": None if self.front is None else self.front.members,
+                "fitness_shared": None if getattr(self, "shared", None) is None else self.shared.state()}
 
     def load_state_dict(self, st: dict) -> None:
         self.next_id, self.next_group = st["next_id"], st["next_group"]
@@ -265,6 +274,11 @@ class Engine:
         self.last_failure = st["last_failure"]
         if self.front is not None and st.get("front") is not None:
             self.front.members = st["front"]
+
+    @staticmethod
+    def saved_shared_state(rundir: RunDir):
+        """The fitness's shared state in a run's checkpoint (read before the workers start)."""
+        return read_checkpoint(rundir.path)["engine"].get("fitness_shared")
 
     def restore(self, rundir: RunDir) -> int:
         """Load the run's checkpoint and replay its journal; returns the number of replayed operations.
@@ -649,6 +663,8 @@ class Engine:
             summary["pareto_front"] = {"objectives": self.front.objectives, "members": self.front.sorted()}
         if self.best["x"] is not None and self.stop_reason != "interrupted":
             summary["best"] = self._save_best(rundir)
+            if getattr(self, "shared", None) is not None:
+                self._checkpoint()  # what scoring the best's held-out split spent (e.g. API requests)
         summary["strategy"] = self.strategy.summary()
         summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if self.stop_reason != "interrupted":

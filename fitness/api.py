@@ -64,8 +64,8 @@ class APIFitnessConfig(Frozen):
     timeout_s: float = Field(30.0, gt=0, description="per request")
     max_retries: int = Field(6, ge=0, description="retries of a request after 429 / 5xx / timeout / bad body")
     backoff_s: float = Field(0.2, ge=0, description="first retry delay; doubles each retry, with jitter")
-    max_requests: int | None = Field(None, ge=1, description="hard budget of requests for the run (per session)")
-    max_tokens: int | None = Field(None, ge=1, description="hard budget of prompt + completion tokens (per session)")
+    max_requests: int | None = Field(None, ge=1, description="hard budget of requests for the run (checkpointed)")
+    max_tokens: int | None = Field(None, ge=1, description="hard budget of prompt + completion tokens (checkpointed)")
     price_per_1k_prompt: float = Field(0.0, ge=0, description="cost per 1,000 prompt tokens (for the cost metric)")
     price_per_1k_completion: float = Field(0.0, ge=0, description="cost per 1,000 completion tokens")
     cache_size: int = Field(100_000, ge=0, description="responses kept per worker (by model, prompt, parameters)")
@@ -82,9 +82,9 @@ class APIFitnessConfig(Frozen):
 class Budget:
     """Requests and tokens left; reserve before a request (an upper bound of its tokens), settle after."""
 
-    def __init__(self, max_requests: int | None, max_tokens: int | None):
+    def __init__(self, max_requests: int | None, max_tokens: int | None, requests: int = 0, tokens: int = 0):
         self.max_requests, self.max_tokens = max_requests, max_tokens
-        self.requests = self.tokens = 0
+        self.requests, self.tokens = requests, tokens  # spent (by earlier sessions of a resumed run)
         self._lock = threading.Lock()
 
     def reserve(self, tokens: int) -> bool:
@@ -104,9 +104,12 @@ class Budget:
     def spent(self) -> dict:
         return {"requests": self.requests, "tokens": self.tokens}
 
+    state = spent
 
-def shared_budget(cfg: APIFitnessConfig):
-    """The run's budget: a named Ray actor shared by the workers of one driver (job), else local."""
+
+def shared_budget(cfg: APIFitnessConfig, spent: dict | None = None):
+    """The run's budget: a named Ray actor shared by the driver and the workers of one run session (job),
+    created by the driver with what earlier sessions spent (from the checkpoint); else a local one."""
     if cfg.max_requests is None and cfg.max_tokens is None:
         return None
     try:
@@ -116,11 +119,11 @@ def shared_budget(cfg: APIFitnessConfig):
             job = ray.get_runtime_context().get_job_id()
             key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
             actor = ray.remote(Budget).options(name=f"evomerge-api-budget-{job}-{key}", get_if_exists=True,
-                                               num_cpus=0).remote(cfg.max_requests, cfg.max_tokens)
+                                               num_cpus=0).remote(cfg.max_requests, cfg.max_tokens, **(spent or {}))
             return _RemoteBudget(actor)
     except ImportError:
         pass
-    return Budget(cfg.max_requests, cfg.max_tokens)
+    return Budget(cfg.max_requests, cfg.max_tokens, **(spent or {}))
 
 
 class _RemoteBudget:
@@ -134,6 +137,12 @@ class _RemoteBudget:
 
     def settle(self, reserved: int, used: int) -> None:
         self.actor.settle.remote(reserved, used)
+
+    def state(self) -> dict:
+        """What has been spent, for the run's checkpoint."""
+        import ray
+
+        return ray.get(self.actor.spent.remote())
 
 
 class APIFitness(RecipeFitness):
@@ -152,6 +161,11 @@ class APIFitness(RecipeFitness):
                 re.compile(cfg.answer_regex)
             except re.error as e:
                 raise UserError(f"fitness.answer_regex: {e}") from None
+
+    @classmethod
+    def open_shared(cls, cfg: APIFitnessConfig, state: dict | None):
+        """Called by the engine before the workers start: the budget actor, with what was spent before."""
+        return shared_budget(cfg, state)
 
     def __init__(self, cfg: APIFitnessConfig):
         from openai import OpenAI

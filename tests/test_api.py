@@ -166,7 +166,12 @@ def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(fami
         assert "stopped by the fitness: StopRun: API budget spent" in r.stderr
         summary = json.loads((out2 / "summary.json").read_text())
         assert summary["stop_reason"] == "fitness_stop" and summary["failed"] == 0
-        assert 0 < health(port)["chaos"]["posts"] - before <= 40
+        assert health(port)["chaos"]["posts"] - before == 40  # the whole budget, not one request more
+        # resumed with a larger budget: what the first session spent still counts
+        r = run_with_key("--resume", str(out2), "--set", "fitness.max_requests=70", "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out2 / "summary.json").read_text())["stop_reason"] == "fitness_stop"
+        assert health(port)["chaos"]["posts"] - before == 70
     finally:
         srv.close()
     for f in list(out.rglob("*")) + list(out2.rglob("*")):  # the key is in no file of the runs
