@@ -81,13 +81,17 @@ class RequestError(Exception):
 class ModelHost:
     """The resident model of an hf_merge space and the merge it currently holds."""
 
-    def __init__(self, space, default_recipe: dict | None = None, device: str | None = None):
+    def __init__(self, space, default_recipe: dict | None = None, device: str | None = None, merge_cache: int = 0):
+        from collections import OrderedDict
+
         self.space = space
         self.rt = space.open_runtime(device)
         self.default = default_recipe
         self.lock = threading.Lock()
         self.current: str | None = None
-        self.stats = {"requests": 0, "merges": 0, "merge_reused": 0}
+        # copies of the last `merge_cache` merges' tensors: switching back to one is a copy, not a merge
+        self.merge_cache, self.snapshots = merge_cache, OrderedDict()
+        self.stats = {"requests": 0, "merges": 0, "merge_reused": 0, "merge_cache_hits": 0}
 
     def model_ids(self) -> list[str]:
         return (["merged"] if self.default else []) + ["base", *self.space.labels]
@@ -141,12 +145,27 @@ class ModelHost:
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
         if key != self.current:
             self.current = None  # a failed merge leaves no claim on the resident weights
-            try:
-                self.rt.materialize(recipe)
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise RequestError(400, f"merge: cannot build this merge: {type(e).__name__}: {e}", "merge") from None
+            if key in self.snapshots:
+                import torch
+
+                with torch.no_grad():
+                    for name, t in self.snapshots[key].items():
+                        self.rt.targets[name].copy_(t)
+                self.snapshots.move_to_end(key)
+                self.stats["merge_cache_hits"] += 1
+            else:
+                try:
+                    self.rt.materialize(recipe)
+                except (KeyError, IndexError, TypeError, ValueError) as e:
+                    raise RequestError(400, f"merge: cannot build this merge: {type(e).__name__}: {e}",
+                                       "merge") from None
+                self.stats["merges"] += 1
+                if self.merge_cache:
+                    self.snapshots[key] = {n: t.detach().clone() for n, t in self.rt.targets.items()
+                                           if t.is_floating_point()}
+                    while len(self.snapshots) > self.merge_cache:
+                        self.snapshots.popitem(last=False)
             self.current = key
-            self.stats["merges"] += 1
         else:
             self.stats["merge_reused"] += 1
         return self.rt.model
@@ -384,6 +403,8 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     ap.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every request")
     ap.add_argument("--device", default=None, help="resident model device (default: the space's)")
+    ap.add_argument("--merge-cache", type=int, default=0, metavar="N",
+                    help="keep copies of the last N merges (N model copies of memory; switching back is a copy)")
     ap.add_argument("--chaos", type=float, default=0.0, metavar="RATE",
                     help="testing clients: fail this fraction of requests (429, 500, timeout, malformed body)")
     ap.add_argument("--chaos-seed", type=int, default=0, help="seed of the injected faults")
@@ -391,7 +412,9 @@ def serve_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if not 0.0 <= args.chaos <= 1.0:
         raise UserError(f"--chaos {args.chaos}: must lie in [0, 1]")
-    host = build_host(args.config, args.run, args.device)
+    if args.merge_cache < 0:
+        raise UserError(f"--merge-cache {args.merge_cache}: must be >= 0")
+    host = build_host(args.config, args.run, args.device, args.merge_cache)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -405,7 +428,7 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
-def build_host(config: str | None, run: str | None, device: str | None) -> ModelHost:
+def build_host(config: str | None, run: str | None, device: str | None, merge_cache: int = 0) -> ModelHost:
     from .config import load_config
     from .export import find_recipe
     from .spaces import build_space
@@ -425,7 +448,7 @@ def build_host(config: str | None, run: str | None, device: str | None) -> Model
     space.prepare()
     if run:
         _, default = find_recipe(Path(run), None)
-    return ModelHost(space, default, device)
+    return ModelHost(space, default, device, merge_cache)
 
 
 class LocalServer:

@@ -47,7 +47,7 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(family):
-    with start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY",
+    with start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY", "--merge-cache", "2",
                       env={"EVOMERGE_TEST_KEY": KEY}) as srv:
         yield srv.port
 
@@ -90,6 +90,21 @@ def test_merge_coefficients_in_the_request_pick_the_model(server):
     assert same == half
     h = health(server)
     assert h["merge_reused"] >= 1 and h["merges"] - before <= 5
+
+
+def test_switching_between_cached_merges_copies_instead_of_merging(server):
+    c = client(server)
+    one, two = {"merge": {"weights": {"a": 0.7}}}, {"merge": {"weights": {"b": -0.4, "c": 0.9}}}
+
+    def ll(body):
+        r = c.completions.create(model="base", prompt="4+1=5", max_tokens=0, echo=True, logprobs=0, extra_body=body)
+        return r.choices[0].logprobs.token_logprobs[1:]
+
+    first, second = ll(one), ll(two)
+    before = health(server)
+    assert [ll(one), ll(two), ll(one)] == [first, second, first]
+    after = health(server)
+    assert after["merges"] == before["merges"] and after["merge_cache_hits"] - before["merge_cache_hits"] == 3
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
