@@ -42,7 +42,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import RecipeFitness, StopRun
-from .lm_tasks import TaskSpec, load_task
+from .lm_tasks import TaskSpec, check_unique_names, load_task
 
 
 class APIFitnessConfig(Frozen):
@@ -72,10 +72,7 @@ class APIFitnessConfig(Frozen):
 
     @model_validator(mode="after")
     def _names(self):
-        names = [t.name for t in self.tasks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
+        check_unique_names(self.tasks)
         return self
 
 

@@ -48,11 +48,15 @@ class LMTasksFitnessConfig(Frozen):
 
     @model_validator(mode="after")
     def _unique_names(self):
-        names = [t.name for t in self.tasks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
+        check_unique_names(self.tasks)
         return self
+
+
+def check_unique_names(tasks: list[TaskSpec]) -> None:
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
 
 
 @dataclass

@@ -80,11 +80,7 @@ def test_passthrough_matches_mergekit(tmp_path):
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
 def test_exported_recipe_yaml_reproduces_the_merge(tmp_path, method):
     """A per-group recipe exported as mergekit YAML gives the tensors evomerge materialized."""
-    import subprocess
-
     import numpy as np
-    import yaml
-    from safetensors.torch import load_file
 
     from evomerge.export import mergekit_config
     from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
@@ -98,26 +94,13 @@ def test_exported_recipe_yaml_reproduces_the_merge(tmp_path, method):
         models={"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}), seed=0)
     recipe = space.decode(np.random.default_rng(3).uniform(space.lower, space.upper))
     model = space.open_runtime("cpu").materialize(recipe)
-    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mergekit_config(space, recipe)))
-    subprocess.run([MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
-                    "--no-cuda", "--quiet"], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-                   capture_output=True)
-    theirs = {}
-    for f in (tmp_path / "theirs").glob("*.safetensors"):
-        theirs.update(load_file(str(f)))
-    ours = dict(model.named_parameters())
-    assert set(theirs) <= set(ours)
-    diff = max((ours[k].detach() - theirs[k]).abs().max().item() for k in theirs)
-    assert diff <= 1e-6
+    assert_mergekit_reproduces(mergekit_config(space, recipe), model, tmp_path)
 
 
 def test_exported_mixture_yaml_reproduces_the_mixture(tmp_path):
     """An hf_mixture recipe (one coefficient per tensor and seed) is mergekit's linear, unnormalized."""
-    import subprocess
 
     import numpy as np
-    import yaml
-    from safetensors.torch import load_file
 
     from evomerge.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
 
@@ -130,7 +113,17 @@ def test_exported_mixture_yaml_reproduces_the_mixture(tmp_path):
         models={"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}), seed=0)
     recipe = space.decode(np.random.default_rng(3).normal(0.3, 0.5, space.dim))
     model = space.open_runtime("cpu").materialize(recipe)
-    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(space.mergekit_config(recipe)))
+    assert_mergekit_reproduces(space.mergekit_config(recipe), model, tmp_path)
+
+
+def assert_mergekit_reproduces(config: dict, model, tmp_path) -> None:
+    """`mergekit-yaml config` gives the tensors of our materialized `model` within 1e-6."""
+    import subprocess
+
+    import yaml
+    from safetensors.torch import load_file
+
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
     subprocess.run([MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
                     "--no-cuda", "--quiet"], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
                    capture_output=True)
