@@ -11,31 +11,87 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _parser() -> argparse.ArgumentParser:
+COMMANDS = (
+    ("run", "search (the default command: `run` may be left out)"),
+    ("export", "write an evaluation as a Hugging Face model directory and/or a mergekit YAML"),
+    ("report", "plots and a Markdown summary of one run, or several runs overlaid"),
+    ("serve", "serve a base model and its experts (and merges of them) over an OpenAI-compatible API"),
+    ("zoo", "build a small model family locally (the tiny-LM experts of the demos and tests)"),
+)
+
+
+def prog(command: str | None = None) -> str:
+    """The name the user typed: `python run.py` or the `evomerge` console script."""
+    base = "python run.py" if Path(sys.argv[0]).name == "run.py" else "evomerge"
+    return f"{base} {command}" if command else base
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS)
     p = argparse.ArgumentParser(
-        prog="evomerge",
-        description="Search for model merges: evolve merge coefficients with a strategy while Ray "
-                    "workers score each candidate.",
-        epilog="example: python run.py --config configs/quickstart.yaml --set strategy.alpha=0.5")
-    p.add_argument("--config", metavar="YAML", help="run config (see configs/)")
+        prog=prog(command),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog(command)} --config YAML [--set KEY=VALUE ...] [--out DIR] [--no-progress] [--dry-run]\n"
+              f"       {prog(command)} --resume RUN_DIR [--set budget.KEY=VALUE ...]"
+              + ("" if command else f"\n       {prog()} {{export,report,serve,zoo}} ... (see {prog()} COMMAND --help)"),
+        description="Search for model merges: a strategy proposes merge coefficients, Ray workers merge and score "
+                    "each candidate,\nand every evaluation lands in a run directory (evals.jsonl, checkpoint.pkl, "
+                    "summary.json, best/).",
+        epilog=("" if command else f"commands:\n{commands}\n\n")
+        + "exit codes: 0 finished: budget spent, strategy done, or stopped by the fitness (e.g. its API budget;\n"
+          "  resumable), 1 stopped by failing evaluations (resumable),\n"
+          "  2 a mistake in the config or the arguments (one line naming it; no run directory is created),\n"
+          "  130 interrupted (Ctrl-C / SIGTERM; resumable)\n\n"
+          "examples:\n"
+          f"  {prog()} --config configs/quickstart.yaml\n"
+          f"  {prog()} --config configs/quickstart.yaml --set strategy.alpha=0.5 --set engine.workers=4 --out runs/a\n"
+          f"  {prog()} --config configs/tinylm_ties_cmaes.yaml --dry-run\n"
+          f"  {prog()} --resume runs/a --set budget.max_evals=20000\n"
+          f"  {prog()} report runs/a")
+    p.add_argument("--config", metavar="YAML",
+                   help="run config (see configs/ and the config reference in README.md)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted or finished run (with --set budget.* to extend its budget)")
+                   help="continue an interrupted or finished run from its checkpoint and journal; only budget.*, "
+                        "engine.address, progress_every_s and an API fitness's max_requests / max_tokens may be "
+                        "changed with --set (e.g. --set budget.max_evals=20000 to extend it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set budget.max_evals=500 (repeatable)")
-    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<config>-<time>); must be new")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+                   help="override a config field, the value read as YAML, e.g. --set budget.max_evals=500 or "
+                        "--set 'space.params.weight={low: 0, high: 2}' (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<config name>-<date>-<time>); must be "
+                                                "new or empty")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or progress lines (a line every progress_every_s seconds is printed when "
+                        "stderr is not a terminal)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the search dimension, the parameter layout and the recipe at the centre; run nothing")
+                   help="with --config: print the search dimension, the parameter layout and the recipe at the "
+                        "centre of the space, then exit; starts no workers and writes nothing")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("evomerge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evomerge export", description="Export an evaluation of a run: the best "
-                                "by default, or --eval-id N, as a Hugging Face model directory and/or a mergekit YAML.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = argparse.ArgumentParser(
+        prog=prog("export"), description="Export an evaluation of a run: the best by default, or --eval-id N, or "
+        "the Pareto-front member preferred by --prefer, as a Hugging Face model directory (from_pretrained, with "
+        "the tokenizer) and/or a mergekit YAML that reproduces the merge with mergekit-yaml.",
+        epilog=f"examples:\n  {prog('export')} runs/a --to merged/\n"
+               f"  {prog('export')} runs/a --eval-id 17 --mergekit merge.yaml\n"
+               f"  {prog('export')} runs/a --prefer upper=0.7,count=0.3 --to merged/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with config.yaml and evals.jsonl)")
     p.add_argument("--eval-id", type=int, metavar="N", help="evaluation id in RUN_DIR/evals.jsonl (default: the best)")
-    p.add_argument("--to", metavar="DIR", help="write a model directory loadable by from_pretrained")
-    p.add_argument("--mergekit", metavar="FILE", help="write a mergekit YAML that reproduces the merge")
+    p.add_argument("--to", metavar="DIR", help="write a model directory loadable by from_pretrained (must be new)")
+    p.add_argument("--mergekit", metavar="FILE", help="write a mergekit YAML that reproduces the merge "
+                   "(merge spaces: hf_merge, hf_mixture)")
     p.add_argument("--prefer", metavar="TASK=W,...", help="pick from the Pareto front over the tasks the "
                    "evaluation with the largest weighted sum, e.g. --prefer upper=0.7,count=0.3")
     return p
@@ -230,7 +286,17 @@ def main(argv: list[str] | None = None) -> int:
             from .tinylm import zoo_main
 
             return zoo_main(argv[1:])
-        args = _parser().parse_args(argv)
+        if argv[:1] == ["report"]:
+            from .report import report_main
+
+            return report_main(argv[1:])
+        command = None
+        if argv[:1] == ["run"]:
+            command, argv = "run", argv[1:]
+        if not argv and command is None:
+            _parser().print_help()
+            return 0
+        args = _parser(command).parse_args(argv)
         return cmd_dry_run(args) if args.dry_run else cmd_run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

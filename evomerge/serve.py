@@ -395,8 +395,16 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
 
 def serve_main(argv: list[str]) -> int:
     """`run.py serve --config X | --run RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]`."""
-    ap = argparse.ArgumentParser(prog="run.py serve", description="Serve a base model and its experts over an "
-                                 "OpenAI-compatible HTTP API; requests may carry merge coefficients.")
+    from .cli import prog
+
+    ap = argparse.ArgumentParser(
+        prog=prog("serve"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a base model and its experts over an OpenAI-compatible HTTP API (GET /v1/models, POST\n"
+                    "/v1/completions, POST /v1/chat/completions, GET /health). `model` is 'base', an expert's label\n"
+                    "or 'merged' (--run); a request may instead carry merge coefficients (extra body\n"
+                    "{\"merge\": {\"weights\": {LABEL: W, ...}}}), merged into the one resident model in place.",
+        epilog=f"examples:\n  {prog('serve')} --config configs/tinylm_ties_cmaes.yaml --port 8000\n"
+               f"  MY_KEY=secret {prog('serve')} --run runs/a --api-key-env MY_KEY --merge-cache 4")
     ap.add_argument("--config", metavar="YAML", help="a config with an hf_merge space (its models are served)")
     ap.add_argument("--run", metavar="RUN_DIR", help="serve a run's models, with its best merge as model 'merged'")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
