@@ -32,7 +32,8 @@ class HFMixtureSpaceConfig(Frozen):
     """Per-cell mixtures of whole checkpoints (for M2N2 with form: coefficients)."""
 
     name: Literal["hf_mixture"]
-    models: Models
+    models: Models = Field(description="the base and the experts; the experts (and with include_base the base) "
+                                       "are the seeds mixed")
     include_base: bool = Field(False, description="mix the base too (seeds: base + experts), not only the experts")
     chunk_size: int = Field(0, ge=0, description="grid cells: 0 = one per tensor, N = chunks of N elements of a tensor")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the resident model")

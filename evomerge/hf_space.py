@@ -43,8 +43,10 @@ VALID = {"density": (1e-6, 1.0), "gamma": (0.0, 1.0), "t": (0.0, 1.0)}
 
 
 class Range(Frozen):
-    low: float
-    high: float
+    """A searched interval: the strategy's bounds for this parameter."""
+
+    low: float = Field(description="lower bound (inclusive)")
+    high: float = Field(description="upper bound (inclusive; equal to low fixes the value)")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -54,6 +56,8 @@ class Range(Frozen):
 
 
 class Models(Frozen):
+    """The seed checkpoints: a base and labelled experts (full checkpoints or LoRA adapters of the base)."""
+
     base: str = Field(description="base model: a local directory or a hub id")
     experts: dict[str, str] = Field(description="label -> fine-tuned model (local directory or hub id)")
 
@@ -68,7 +72,7 @@ class HFMergeSpaceConfig(Frozen):
     """Merge coefficients of Hugging Face checkpoints."""
 
     name: Literal["hf_merge"]
-    models: Models
+    models: Models = Field(description="the base and the experts (checkpoint directories, hub ids or LoRA adapters)")
     method: Literal[tuple(METHOD_PARAMS)] = Field("ties", description="merge method (mergekit semantics)")
     layer_granularity: int = Field(1, ge=0, description="layers per group of coefficients; 0: one global group")
     filters: tuple[str, ...] = Field((), description="substrings (e.g. attn, mlp) that split block groups")

@@ -217,6 +217,18 @@ _TASK_VECTOR = {
     "breadcrumbs_ties": (True, False),
 }
 METHODS = ("linear", "slerp", *_TASK_VECTOR)
+METHOD_DOCS = {  # mergekit's semantics (tests/test_mergekit_parity.py compares the tensors with mergekit-yaml)
+    "linear": "weighted average of the models' tensors (normalized by the sum of weights by default)",
+    "slerp": "spherical interpolation between the base and one expert at t, tensor by tensor",
+    "task_arithmetic": "base + sum of weight x task vector (expert - base)",
+    "ties": "task vectors trimmed to the top `density` fraction by magnitude, a sign elected per entry, "
+            "agreeing entries averaged (TIES-Merging)",
+    "dare_ties": "task vectors randomly dropped to `density` and rescaled (DARE), then TIES sign election",
+    "dare_linear": "DARE-dropped task vectors added with their weights, no sign election",
+    "breadcrumbs": "task vectors without their largest `gamma` and smallest entries (kept `density`), "
+                   "added with their weights (Model Breadcrumbs)",
+    "breadcrumbs_ties": "breadcrumbs masks with TIES sign election",
+}
 
 
 def merge_tensor(method: str, name: str, base: Tensor, experts: Sequence[Tensor], out: Tensor, *,

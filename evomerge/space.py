@@ -61,6 +61,9 @@ class DigitsMLPSpaceConfig(Frozen):
 
 
 class DigitsMLPSpace(SearchSpace):
+    """The embedded task of the M2N2 paper: every weight of a 64-256-10 MLP on sklearn's 8x8 digits (19,210
+    numbers), seeded by two experts (digits 0-4 and 5-9) or two random models."""
+
     dim = 19_210  # evomerge.digits.N_PARAMS, without importing torch for the config
 
     def __init__(self, cfg: DigitsMLPSpaceConfig, seed: int):
