@@ -2,12 +2,14 @@
 from .api import APIFitness, APIFitnessConfig
 from .base import BatchEvaluation, Fitness, ModelFitness, RecipeFitness, StopRun
 from .digits import DigitsFitness, DigitsFitnessConfig
+from .lm_eval import LMEvalFitness, LMEvalFitnessConfig
 from .lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 from .synthetic import SyntheticFitness, SyntheticFitnessConfig
 
 FITNESSES = {
     "api": (APIFitnessConfig, APIFitness),
     "digits": (DigitsFitnessConfig, DigitsFitness),
+    "lm_eval": (LMEvalFitnessConfig, LMEvalFitness),
     "lm_tasks": (LMTasksFitnessConfig, LMTasksFitness),
     "synthetic": (SyntheticFitnessConfig, SyntheticFitness),
 }

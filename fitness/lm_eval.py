@@ -1,0 +1,407 @@
+"""lm-evaluation-harness tasks, scored on the worker's resident model through lm-eval's HFLM.
+
+Any lm-eval task works: the built-in ones (their data must be reachable: cached or downloadable) or
+YAML tasks of your own in `include_path`, e.g. over local JSONL files (``dataset_path: json``;
+``run.py zoo tinylm`` writes such tasks for its family into ``<out>/lm_eval_tasks``).
+
+* The fitness is the weight-averaged value of each task's `metric` on its search split; each task's
+  metric is also reported as ``<task>/<metric>`` (the objectives of the Pareto front with >= 2 tasks).
+* Per-example scores are lm-eval's per-sample values of that metric (``log_samples``), in doc order,
+  concatenated over tasks in config order. So only metrics lm-eval averages over examples qualify
+  (acc, acc_norm, exact_match, ...), not corpus-level ones (f1, bleu, mcc) nor lower-is-better ones.
+* Splits: a task is searched on its ``split`` (default: the task's validation_split if it has one,
+  else its test_split); the best is scored once more on its ``holdout_split`` (default: the task's
+  test_split when that is not the searched split), reported as ``<task>/<metric>@<split>``, plus
+  ``fitness@holdout`` when every task has one. Few-shot examples come from the task's own
+  fewshot_split (else lm-eval's rule: its training, else validation, else test split): keep them
+  off the held-out split.
+
+The resident model is wrapped in an HFLM once per worker (candidates are merged into it in place)
+and the tasks (with their datasets) are built once per worker; lm-eval's response and request
+caches stay off, so every candidate is scored afresh.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from evomerge.errors import UserError
+from evomerge.schema import Frozen
+
+from .base import ModelFitness
+from .lm_tasks import check_unique_names
+
+INSTALL_HINT = "pip install 'evomerge[lm-eval]'"
+
+
+def _check_limit(v):
+    if v is not None and (isinstance(v, bool) or v <= 0):
+        raise ValueError("must be > 0 (an integer: the first N examples; below 1: that fraction)")
+    return v
+
+
+class LMEvalTask(Frozen):
+    name: str = Field(..., min_length=1, description="lm-eval task name (a single task, not a group or tag)")
+    weight: float = Field(1.0, gt=0, description="weight of this task's metric in the fitness")
+    metric: str = Field("acc", min_length=1,
+                        description="metric the task reports, averaged per example (e.g. acc, acc_norm, "
+                                    "exact_match); 'metric,filter' picks one of the task's filters")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt (default: the "
+                                                            "fitness's num_fewshot, else the task's own, else 0)")
+    limit: int | float | None = Field(None, description="search on the first N examples of the split "
+                                                        "(below 1: that fraction); default the fitness's "
+                                                        "limit; the held-out split is scored whole")
+    split: str | None = Field(None, description="dataset split searched on (default: the task's "
+                                                "validation_split, else its test_split)")
+    holdout_split: str | None = Field(None, description="dataset split scored for the best only (default: "
+                                                        "the task's test_split unless it is searched on)")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        return _check_limit(v)
+
+
+class LMEvalFitnessConfig(Frozen):
+    name: Literal["lm_eval"]
+    tasks: list[LMEvalTask] = Field(..., min_length=1, description="the tasks, in the order of the "
+                                                                   "per-example scores")
+    include_path: str | None = Field(None, description="directory of your own lm-eval task YAMLs (searched "
+                                                       "before the built-in tasks)")
+    num_fewshot: int | None = Field(None, ge=0, description="default num_fewshot of the tasks")
+    limit: int | float | None = Field(None, description="default limit of the tasks")
+    holdout: bool = Field(True, description="score the best on the tasks' held-out splits at the end")
+    batch_size: int = Field(32, ge=1, description="requests per forward pass (lm-eval HFLM batch_size)")
+    max_length: int | None = Field(None, ge=1, description="longest input in tokens; longer contexts are cut "
+                                                           "from the left (default: the model config's)")
+    apply_chat_template: bool = Field(False, description="format prompts with the tokenizer's chat template")
+    fewshot_as_multiturn: bool = Field(False, description="with the chat template: few-shot examples as "
+                                                          "separate user/assistant turns")
+    system_instruction: str | None = Field(None, description="system prompt put before every prompt")
+    fewshot_seed: int = Field(1234, description="seed of the few-shot example choice (the same examples "
+                                                "for every candidate)")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        return _check_limit(v)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        check_unique_names(self.tasks)
+        return self
+
+
+# lm-eval access ------------------------------------------------------------------------------------
+
+def _import():
+    try:
+        for module in ("lm_eval", "lm_eval.tasks", "lm_eval.evaluator", "lm_eval.models.huggingface"):
+            importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"fitness.name: lm_eval needs lm-evaluation-harness ({e}); {INSTALL_HINT}") from None
+
+
+def _quiet_logs() -> None:
+    """lm-eval's and datasets' loggers at WARNING (no per-call INFO lines), datasets' progress bars off."""
+    for name in ("lm_eval", "lm-eval", "datasets", "evaluate"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_warning()
+    except ImportError:
+        pass
+
+
+@contextlib.contextmanager
+def _no_request_progress():
+    """lm-eval builds each task's requests under a tqdm bar of its own: muted while we evaluate."""
+    import functools
+
+    import lm_eval.api.task as task_mod
+
+    old = task_mod.tqdm
+    task_mod.tqdm = functools.partial(old, disable=True)
+    try:
+        yield
+    finally:
+        task_mod.tqdm = old
+
+
+_QUIET_HFLM = None
+
+
+def _quiet_hflm():
+    """HFLM without its per-call progress bars (tokenizing, requests)."""
+    global _QUIET_HFLM
+    if _QUIET_HFLM is None:
+        from lm_eval.models.huggingface import HFLM
+
+        class QuietHFLM(HFLM):
+            """Also keeps the token ids of each (context, continuation) pair: they depend on the
+            tokenizer only, which stays the same while the weights change (the prompts are the same
+            for every candidate, and tokenizing them was a third of the time of a choice task)."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._pairs: dict = {}
+
+            def _encode_pair(self, context, continuation):
+                key = (context, continuation)
+                hit = self._pairs.get(key)
+                if hit is None:
+                    hit = super()._encode_pair(context, continuation)
+                    if len(self._pairs) < 1_000_000:
+                        self._pairs[key] = hit
+                return hit
+
+            def loglikelihood(self, requests, disable_tqdm: bool = False):
+                return super().loglikelihood(requests, disable_tqdm=True)
+
+            def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+            def generate_until(self, requests, disable_tqdm: bool = False):
+                return super().generate_until(requests, disable_tqdm=True)
+
+        _QUIET_HFLM = QuietHFLM
+    return _QUIET_HFLM
+
+
+def _builtin_yaml_text() -> bytes:
+    """All of lm-eval's own task YAMLs, concatenated (reading them is ~20x faster than indexing them)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return b"\n".join(p.read_bytes() for p in sorted(root.rglob("*.yaml")))
+
+
+_NAME_LINE = re.compile(rb"^[ \t-]*(?:task|group|tag)[ \t]*:[ \t]*['\"]?([A-Za-z0-9_.:+\-]+)", re.M)
+
+
+def _task_manager(cfg: LMEvalFitnessConfig):
+    """(TaskManager, names to suggest from): a TaskManager that knows every configured task that exists.
+
+    Indexing lm-eval's ~15k own task YAMLs takes seconds (8 s here), so it is built only when a task
+    is not in include_path and its name appears in those files' text at all (a misspelt name does
+    not: it is refused in a fraction of a second, with suggestions from the names in that text).
+    """
+    from lm_eval.tasks import TaskManager
+
+    names = [t.name for t in cfg.tasks]
+    if cfg.include_path:
+        tm = TaskManager(include_path=cfg.include_path, include_defaults=False)
+    else:
+        tm = TaskManager(include_defaults=False)
+    missing = [n for n in names if n not in tm.all_tasks]
+    if not missing:
+        return tm, tm.all_tasks
+    text = _builtin_yaml_text()
+    if not any(n.encode() in text for n in missing):
+        builtin = sorted({m.decode() for m in _NAME_LINE.findall(text)})
+        return tm, [*tm.all_tasks, *builtin]
+    tm = TaskManager(include_path=cfg.include_path) if cfg.include_path else TaskManager()
+    return tm, tm.all_tasks
+
+
+def _build_tasks(tm, names: list[str]) -> dict:
+    loaded = tm.load(list(names))
+    return loaded["tasks"]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One task as resolved against its lm-eval config."""
+
+    name: str
+    metric: str         # metric name as lm-eval keys it, without the filter
+    filter: str         # the filter whose per-sample values we read ('none' when the task has no filter_list)
+    key: str            # the metric as configured: the names of our metrics
+    split: str
+    holdout_split: str | None
+    num_fewshot: int
+    limit: int | float | None
+    weight: float
+
+
+def _filters(task) -> list[str]:
+    return [f.name for f in getattr(task, "_filters", [])] or ["none"]
+
+
+def _resolve(cfg: LMEvalFitnessConfig, i: int, spec: LMEvalTask, task) -> _Plan:
+    """Check one built task against its config entry; UserError naming the field."""
+    where = f"fitness.tasks[{i}]"
+    agg = task.aggregation()
+    filters = _filters(task)
+    produced = [m if len(filters) == 1 else f"{m},{f}" for m in agg for f in filters]
+    metric, _, filt = spec.metric.partition(",")
+    if metric not in agg or (filt and filt not in filters):
+        raise UserError(f"{where}.metric: task '{spec.name}' produces {produced}, not '{spec.metric}'")
+    if not filt:
+        if len(filters) > 1 and "none" not in filters:
+            raise UserError(f"{where}.metric: task '{spec.name}' has filters {filters}; name one, e.g. "
+                            f"'{metric},{filters[0]}'")
+        filt = "none" if "none" in filters else filters[0]
+    from lm_eval.api.metrics import mean
+
+    if agg[metric] is not mean:
+        name = getattr(agg[metric], "__name__", str(agg[metric]))
+        raise UserError(f"{where}.metric: '{metric}' of task '{spec.name}' is aggregated over the whole split "
+                        f"({name}), so it has no per-example score; choose a metric averaged per example")
+    if not task.higher_is_better().get(metric, True):
+        raise UserError(f"{where}.metric: lower is better for '{metric}' of task '{spec.name}'; the search "
+                        "maximises: choose a metric where higher is better")
+
+    splits = list(getattr(task, "dataset", None) or [])
+    val, test = task.get_config("validation_split"), task.get_config("test_split")
+    split = spec.split or val or test
+    if split is None:
+        raise UserError(f"{where}.split: task '{spec.name}' names no validation or test split; set one of {splits}")
+    if splits and split not in splits:
+        raise UserError(f"{where}.split: task '{spec.name}' has splits {splits}, not '{split}'")
+    holdout = spec.holdout_split or (test if test and test != split else None)
+    if spec.holdout_split and splits and holdout not in splits:
+        raise UserError(f"{where}.holdout_split: task '{spec.name}' has splits {splits}, not '{holdout}'")
+    if holdout == split:
+        raise UserError(f"{where}.holdout_split: '{holdout}' is the split searched on; hold out another one")
+
+    shots = spec.num_fewshot if spec.num_fewshot is not None else cfg.num_fewshot
+    if shots is None:
+        shots = task.get_config("num_fewshot") or 0
+    if shots > 0 and not hasattr(task, "sampler"):
+        field = (f"{where}.num_fewshot" if spec.num_fewshot is not None else
+                 "fitness.num_fewshot" if cfg.num_fewshot is not None else f"{where}.name")
+        raise UserError(f"{field}: task '{spec.name}' has no split to draw {shots} few-shot examples from")
+    limit = spec.limit if spec.limit is not None else cfg.limit
+    return _Plan(spec.name, metric, filt, spec.metric, split, holdout, int(shots), limit, spec.weight)
+
+
+def _load_checked(cfg: LMEvalFitnessConfig) -> tuple[dict, list[_Plan]]:
+    """Build the configured tasks (datasets included) and resolve them; UserError naming the field."""
+    _import()
+    if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
+        raise UserError(f"fitness.include_path: {cfg.include_path}: no such directory")
+    tm, known = _task_manager(cfg)
+    groups = set(getattr(tm, "all_groups", [])) | set(getattr(tm, "all_tags", []))
+    for i, t in enumerate(cfg.tasks):
+        if t.name in groups:
+            raise UserError(f"fitness.tasks[{i}].name: '{t.name}' is a group or tag of lm-eval tasks; "
+                            "list the tasks you want one by one")
+        if t.name not in tm.all_tasks:
+            near = difflib.get_close_matches(t.name, known, n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            where = f" in {cfg.include_path} or lm-eval's own tasks" if cfg.include_path else ""
+            raise UserError(f"fitness.tasks[{i}].name: no lm-eval task '{t.name}'{where}{hint}")
+    tasks = {}
+    for i, t in enumerate(cfg.tasks):  # one by one: a failure names its task
+        try:
+            tasks.update(_build_tasks(tm, [t.name]))
+        except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise anything
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"fitness.tasks[{i}].name: task '{t.name}' cannot be loaded: {msg[:300]}") from None
+    plans = [_resolve(cfg, i, t, tasks[t.name]) for i, t in enumerate(cfg.tasks)]
+    return tasks, plans
+
+
+# the fitness --------------------------------------------------------------------------------------
+
+class LMEvalFitness(ModelFitness):
+    spaces = ("hf_merge", "hf_mixture")
+
+    @classmethod
+    def objectives(cls, cfg: LMEvalFitnessConfig) -> list[str]:
+        return [f"{t.name}/{t.metric}" for t in cfg.tasks] if len(cfg.tasks) > 1 else []
+
+    @classmethod
+    def check(cls, cfg: LMEvalFitnessConfig) -> None:
+        """In the driver before Ray starts: lm-eval is installed, every task exists and loads, every
+        metric is one its task produces per example, the splits exist."""
+        _quiet_logs()
+        _load_checked(cfg)
+
+    def __init__(self, cfg: LMEvalFitnessConfig):
+        _quiet_logs()
+        self.cfg = cfg
+        self.tasks, self.plans = _load_checked(cfg)  # once per worker: datasets and prompts templates
+        self._lm = None
+        self._lm_key = None
+
+    def _wrap(self, model, tokenizer):
+        """The HFLM around the resident model: made once, reused while the model object is the same
+        (candidates are written into its weights in place; HFLM keeps no outputs between calls)."""
+        key = (id(model), id(tokenizer))
+        if self._lm is None or self._lm_key != key:
+            hf_logger = logging.getLogger("lm_eval.models.huggingface")
+            level = hf_logger.level
+            hf_logger.setLevel(logging.ERROR)  # "pretrained is not a str": that is the point here
+            try:
+                self._lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size,
+                                device=str(model.device), max_length=self.cfg.max_length)
+            finally:
+                hf_logger.setLevel(level)
+            self._lm_key = key
+            self._held = (model, tokenizer)  # keeps the ids unique while cached
+        return self._lm
+
+    def _run(self, model, tokenizer, holdout: bool) -> tuple[dict[str, float], list[np.ndarray]]:
+        """Evaluate the tasks on their search (or held-out) splits: {task: value}, per-example arrays."""
+        from lm_eval.evaluator import evaluate
+        from lm_eval.evaluator_utils import get_sample_size
+
+        if self.cfg.apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise UserError("fitness.apply_chat_template: the model's tokenizer has no chat template")
+        lm = self._wrap(model, tokenizer)
+        if model.training:
+            model.eval()
+        plans = [p for p in self.plans if not holdout or p.holdout_split is not None]
+        if not plans:
+            return {}, []
+        samples = {}
+        for p in plans:
+            task = self.tasks[p.name]
+            task.set_config(key="test_split", value=p.holdout_split if holdout else p.split)
+            task.set_config(key="num_fewshot", value=p.num_fewshot)
+            task.set_fewshot_seed(seed=self.cfg.fewshot_seed)  # the same shots for every candidate
+            if not holdout and p.limit is not None:
+                samples[p.name] = range(min(get_sample_size(task, p.limit), len(task.eval_docs)))
+        with _no_request_progress():
+            res = evaluate(lm=lm, task_dict={"tasks": {p.name: self.tasks[p.name] for p in plans}, "groups": {}},
+                           samples=samples or None, cache_requests=False, bootstrap_iters=0, log_samples=True,
+                           system_instruction=self.cfg.system_instruction,
+                           apply_chat_template=self.cfg.apply_chat_template,
+                           fewshot_as_multiturn=self.cfg.fewshot_as_multiturn)
+        values, per_example = {}, []
+        for p in plans:
+            rows = sorted((s for s in res["samples"][p.name] if s["filter"] == p.filter), key=lambda s: s["doc_id"])
+            per_example.append(np.array([float(s[p.metric]) for s in rows], dtype=np.float32))
+            values[p.name] = float(res["results"][p.name][f"{p.metric},{p.filter}"])
+        return values, per_example
+
+    def evaluate_model(self, model, tokenizer) -> tuple[float, np.ndarray, dict[str, float]]:
+        values, per_example = self._run(model, tokenizer, holdout=False)
+        metrics = {f"{p.name}/{p.key}": values[p.name] for p in self.plans}
+        w = np.array([p.weight for p in self.plans], dtype=np.float64)
+        fitness = float(np.dot(w, [values[p.name] for p in self.plans]) / w.sum())
+        return fitness, np.concatenate(per_example), metrics
+
+    def holdout_model(self, model, tokenizer) -> dict[str, float]:
+        if not self.cfg.holdout:
+            return {}
+        values, _ = self._run(model, tokenizer, holdout=True)
+        held = [p for p in self.plans if p.holdout_split is not None]
+        out = {f"{p.name}/{p.key}@{p.holdout_split}": values[p.name] for p in held}
+        if len(held) == len(self.plans):
+            w = np.array([p.weight for p in held], dtype=np.float64)
+            out["fitness@holdout"] = float(np.dot(w, [values[p.name] for p in held]) / w.sum())
+        return out
