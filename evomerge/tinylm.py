@@ -9,6 +9,10 @@
                                    shuffled between examples)
     out/tasks/<skill>.jsonl        {"prompt", "answer", "split"}: greedy generation, exact match
     out/tasks/<skill>_mc.jsonl     {"prompt", "choices", "answer": index, "split"}: log-likelihood choice
+    out/lm_eval_tasks/             the same tasks for lm-evaluation-harness (fitness `lm_eval`,
+                                   include_path): tinylm_<skill> (generate_until, exact_match) and
+                                   tinylm_<skill>_mc (multiple_choice, acc); split validation = the
+                                   files' train split, test = their test split (write_lm_eval_tasks)
     out/family.json                what build_family returns: paths, sizes, accuracies, seconds
 
 The base is pretrained on every skill's prompt format with random answers of the right shape, so it
@@ -190,6 +194,58 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+LM_EVAL_SPLITS = {"train": "validation", "test": "test"}  # task file split -> lm-eval split
+
+
+def write_lm_eval_tasks(out: Path, tasks: dict[str, str], prefix: str = "tinylm_") -> dict[str, str]:
+    """lm-eval task YAMLs for task files in the lm_tasks format, under `out` (an include_path).
+
+    tasks: {name: JSONL path}; a name ending in ``_mc`` is a choice task (lm-eval multiple_choice,
+    summed log-likelihood of each choice after the prompt: metric acc, as lm_tasks' choice), any
+    other a generate task (generate_until, greedy, stopped at a newline or the end-of-sequence token,
+    at most 8 tokens: metric exact_match). Each file's train examples become split ``validation``
+    (searched on; also the few-shot examples), its test examples split ``test`` (held out), as JSONL
+    files in ``out/data`` named in the YAMLs by absolute path (so any working directory can load
+    them; move the directory and write it again). Returns {lm-eval task name: YAML path}.
+    """
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):  # strings with a newline double-quoted: "\n"
+        pass
+
+    _Dumper.add_representer(str, lambda d, v: d.represent_scalar(
+        "tag:yaml.org,2002:str", v, style='"' if "\n" in v else None))
+    out = Path(out).resolve()
+    written = {}
+    for name, path in tasks.items():
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        files = {}
+        for ours, theirs in LM_EVAL_SPLITS.items():
+            split_rows = [{k: v for k, v in r.items() if k != "split"} for r in rows if r["split"] == ours]
+            if split_rows:  # a split without examples is left out (lm-eval cannot load an empty file)
+                f = out / "data" / f"{name}.{theirs}.jsonl"
+                _write_jsonl(f, split_rows)
+                files[theirs] = str(f)
+        task = prefix + name
+        spec = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": files},
+                "validation_split": "validation" if "validation" in files else None,
+                "test_split": "test" if "test" in files else None,
+                "fewshot_split": "validation" if "validation" in files else None,
+                "doc_to_text": "prompt", "doc_to_target": "answer", "target_delimiter": ""}
+        if name.endswith("_mc"):
+            spec.update(output_type="multiple_choice", doc_to_choice="choices",
+                        metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                     for m in ("acc", "acc_norm")])
+        else:
+            spec.update(output_type="generate_until",
+                        generation_kwargs={"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+                        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
+        yaml_path = out / f"{task}.yaml"
+        yaml_path.write_text(yaml.dump(spec, Dumper=_Dumper, sort_keys=False))
+        written[task] = str(yaml_path)
+    return written
+
+
 class _Stream:
     """Training batches: (input_ids, attention_mask, labels) of B sequences '<s>prompt answer</s>'."""
 
@@ -348,6 +404,7 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
         _write_jsonl(out / "tasks" / f"{s}_mc.jsonl", _mc_examples(s, rows, rng))
         tasks[s] = str(out / "tasks" / f"{s}.jsonl")
         tasks[f"{s}_mc"] = str(out / "tasks" / f"{s}_mc.jsonl")
+    write_lm_eval_tasks(out / "lm_eval_tasks", tasks)
 
     tokenizer = build_tokenizer([p + a for s in SKILLS for p, a in
                                  (SKILLS[s].sample(random.Random(k)) for k in range(64))])
