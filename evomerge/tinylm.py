@@ -482,9 +482,19 @@ def format_table(result: dict) -> str:
 
 def zoo_main(argv: list[str]) -> int:
     """`run.py zoo tinylm --out DIR [--size small|tiny] [--seed 0] [--skills a,b] [--unrelated K]`."""
-    ap = argparse.ArgumentParser(prog="run.py zoo", description="build a family of small models locally")
+    from .cli import prog
+
+    ap = argparse.ArgumentParser(
+        prog=prog("zoo"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build a family of small models locally, for the demos and tests (nothing is downloaded).\n"
+                    "tinylm: a character-level Llama base pretrained on string-skill formats, and one expert\n"
+                    "fine-tuned from it per skill; writes base/, experts/<skill>/ (safetensors + tokenizer),\n"
+                    "tasks/<skill>.jsonl (greedy exact match) and <skill>_mc.jsonl (4-way choice), with a\n"
+                    "train and a held-out test split, lm_eval_tasks/ (the same tasks as lm-evaluation-harness\n"
+                    "YAMLs) and family.json (each model's held-out accuracy). About 4 minutes on 2 cores.",
+        epilog=f"example:\n  {prog('zoo')} tinylm --out zoo/tinylm")
     ap.add_argument("family", choices=["tinylm"], help="which family")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, or --force)")
     ap.add_argument("--size", default="small", choices=list(SIZES), help="model size (default small)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
     ap.add_argument("--skills", default=None,
