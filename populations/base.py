@@ -86,6 +86,12 @@ class Strategy(ABC):
         """Strategy-specific facts for summary.json."""
         return {}
 
+    def stats(self) -> dict[str, float]:
+        """Numbers describing the search's state now (e.g. CMA-ES's sigma, M2N2's archive diversity),
+        logged over time to strategy.jsonl. Called every ~1/500 of the budget: keep it cheap,
+        O(archive x dim) at most."""
+        return {}
+
 
 def rng_state(rng: np.random.Generator) -> dict:
     return rng.bit_generator.state

@@ -135,3 +135,17 @@ class CMAES(Strategy):
 
     def summary(self) -> dict:
         return {"generations": int(self.es.countiter), "sigma": float(self.es.sigma), "popsize": self.popsize}
+
+    def stats(self) -> dict[str, float]:
+        return cma_stats(self.es)
+
+
+def cma_stats(es) -> dict[str, float]:
+    """sigma, the mean coordinate std (sigma x sqrt(diag C)), generations told, and the fitness of the
+    last told generation (best and median; fitness = -pycma's f, higher is better)."""
+    out = {"sigma": float(es.sigma), "std_mean": float(np.mean(es.stds)), "generation": float(es.countiter)}
+    f = np.asarray(getattr(es.fit, "fit", []), np.float64)
+    f = f[np.isfinite(f)]
+    if es.countiter and f.size:
+        out.update(generation_best=float(-f.min()), generation_median=float(-np.median(f)))
+    return out

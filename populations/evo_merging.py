@@ -165,6 +165,18 @@ class EvoMerging(Strategy):
         self.generation = [np.array(g) for g in state["generation"]]
         self.gen_fit, self.gen_sent = list(state["gen_fit"]), state["gen_sent"]
 
+    def stats(self) -> dict[str, float]:
+        """stage (1: probes, 2: CMA-ES over the kept experts), experts kept, and in stage 2 CMA-ES's
+        sigma, generation and last generation's fitness."""
+        out = {"stage": 1.0 if self.es is None else 2.0}
+        if self.kept is not None:
+            out["kept"] = float(len(self.kept))
+        if self.es is not None:
+            from .cmaes import cma_stats
+
+            out.update(cma_stats(self.es))
+        return out
+
     def summary(self) -> dict:
         out = {"probe_weight": self.w, "experts": len(self.experts)}
         if self.kept is not None:

@@ -221,6 +221,18 @@ class FrankWolfe(Strategy):
         self.gamma = state["gamma"]
         self.finished = state.get("finished", False)
 
+    def stats(self) -> dict[str, float]:
+        """Iterations done, the last step size gamma, and the last step's best move fitness (black box)
+        or Frank-Wolfe gap <gradient, theta - s> (gradient oracle)."""
+        out = {"iteration": float(self.t)}
+        if self.history:
+            last = self.history[-1]
+            out["gamma"] = float(last["gamma"])
+            for key in ("best_move_fitness", "gap", "loss"):
+                if isinstance(last.get(key), (int, float)):
+                    out[key] = float(last[key])
+        return out
+
     def summary(self) -> dict:
         weights = {e: round(float(np.mean(self.theta[self.of_expert[e]])), 4) for e in self.experts}
         return {"iterations": self.t, "oracle": self.cfg.oracle, "chosen": [h["chosen"] for h in self.history],

@@ -124,6 +124,8 @@ class M2N2(Strategy):
         self.seeds_pending = len(self.seed_points)
         self.seeds_asked = 0
         self.inserted = 0
+        self.member_fitness = np.full(cfg.archive_size, np.nan)  # fitness each member was told (stats)
+        self.filled = np.zeros(cfg.archive_size, bool)  # slots that received a member
 
     # ask ------------------------------------------------------------------------------
     def ask(self, n: int) -> list[Candidate]:
@@ -195,9 +197,10 @@ class M2N2(Strategy):
                 self.z = np.zeros(s.size)
             elif s.size != self.scores.shape[1]:
                 raise ValueError(f"per-example scores changed length: {s.size} != {self.scores.shape[1]}")
-            self.insert(r.candidate.x, s, r.candidate)
+            self.insert(r.candidate.x, s, r.candidate, r.fitness)
 
-    def insert(self, x: np.ndarray, s: np.ndarray, cand: Candidate | None = None) -> bool:
+    def insert(self, x: np.ndarray, s: np.ndarray, cand: Candidate | None = None,
+               fitness: float | None = None) -> bool:
         """Competition for a place in the archive; True when the child was kept.
 
         As worst_after_insert, with the column sums z kept up to date instead of recomputed:
@@ -212,15 +215,30 @@ class M2N2(Strategy):
             return False
         self.z = z - rows[worst]
         rows[worst] = s
+        self.member_fitness[worst] = np.nan if fitness is None else fitness
         self._store(worst, x, cand)
+        self.filled[worst] = True
         self.inserted += 1
         return True
 
     def _init_archive(self) -> None:
         self.archive = np.zeros((self.cfg.archive_size, self.dim), np.float32)
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        """Sum and summed squared norm of the members (float64), kept up to date by _store, so that
+        stats() costs O(dim), not O(members x dim)."""
+        self.member_sum = self.archive.sum(axis=0, dtype=np.float64)
+        self.member_sumsq = float(np.einsum("ij,ij->", self.archive, self.archive, dtype=np.float64))
 
     def _store(self, index: int, x: np.ndarray, cand: Candidate | None) -> None:
+        old = self.archive[index].astype(np.float64)  # zeros in an empty slot
+        self.member_sum -= old
+        self.member_sumsq -= float(np.einsum("i,i->", old, old))
         self.archive[index] = x
+        new = self.archive[index].astype(np.float64)
+        self.member_sum += new
+        self.member_sumsq += float(np.einsum("i,i->", new, new))
 
     @property
     def scores(self) -> np.ndarray | None:
@@ -238,6 +256,8 @@ class M2N2(Strategy):
             "seeds_pending": self.seeds_pending,
             "seeds_asked": self.seeds_asked,
             "inserted": self.inserted,
+            "member_fitness": self.member_fitness.copy(),
+            "filled": self.filled.copy(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -256,6 +276,16 @@ class M2N2(Strategy):
         self.seeds_pending = state["seeds_pending"]
         self.seeds_asked = state["seeds_asked"]
         self.inserted = state["inserted"]
+        fit = state.get("member_fitness")  # absent in checkpoints of older versions
+        self.member_fitness = np.full(self.cfg.archive_size, np.nan) if fit is None else np.array(fit, np.float64)
+        filled = state.get("filled")
+        if filled is None:  # older checkpoints: a slot with a score or a nonzero vector
+            filled = np.zeros(self.cfg.archive_size, bool) if self.rows is None else self.scores.any(axis=1)
+            if self.archive is not None:
+                filled |= self.archive.any(axis=1)
+        self.filled = np.array(filled, bool)
+        if self.archive is not None:
+            self._reset_sums()
 
     def summary(self) -> dict:
         if self.scores is None:
@@ -264,3 +294,35 @@ class M2N2(Strategy):
         covered = self.scores.max(axis=0).mean()
         return {"archive_best_train": float(acc.max()), "archive_mean_train": float(acc.mean()),
                 "archive_coverage": float(covered), "children_kept": self.inserted}
+
+    def stats(self) -> dict[str, float]:
+        """members; fitness of the members (mean, best: as told; a member of an older checkpoint
+        counts its mean per-example score); coverage: mean over examples of the best member's score
+        (for 0/1 scores the fraction of examples some member solves); diversity: the RMS distance
+        between two members relative to their RMS norm, sqrt(mean over pairs |x_i - x_j|^2 / mean |x_i|^2)
+        (0: all equal; about 1.4 for unrelated vectors of equal norm), from the members' sum and
+        summed squared norms; children kept so far."""
+        idx = np.flatnonzero(self.filled)
+        out = {"members": float(len(idx)), "children_kept": float(self.inserted)}
+        if not len(idx):
+            return out
+        s = self.scores[idx]
+        fit = self.member_fitness[idx]
+        fit = np.where(np.isfinite(fit), fit, s.mean(axis=1))
+        out.update(archive_mean_fitness=float(fit.mean()), archive_best_fitness=float(fit.max()),
+                   coverage=float(s.max(axis=0).mean()))
+        if len(idx) > 1:
+            n = len(idx)
+            spread, norms = self.spread(idx)
+            if norms > 0:  # sum over ordered pairs i != j of |x_i - x_j|^2 = 2 n spread
+                out["diversity"] = float(np.sqrt(2.0 * spread / (n - 1) / (norms / n)))
+        return out
+
+    def spread(self, idx: np.ndarray) -> tuple[float, float]:
+        """(sum_i |x_i - centroid|^2, sum_i |x_i|^2) over the members idx (all filled slots; empty
+        ones hold zeros), from the running sums: sum |x_i|^2 - |sum x_i|^2 / n, O(dim).
+
+        einsum, not a BLAS dot: OpenBLAS's threaded ddot waits milliseconds per call for the cores
+        the workers keep busy."""
+        s = self.member_sum
+        return max(0.0, self.member_sumsq - float(np.einsum("i,i->", s, s)) / len(idx)), self.member_sumsq

@@ -158,6 +158,17 @@ class M2N2Coefficients(M2N2):
         super().load_state_dict(state)
         self.members = [self.empty if m is None else Member(*m) for m in members]
 
+    def spread(self, idx: np.ndarray) -> tuple[float, float]:
+        """As the dense form's, in model space: on the union of the members' segments, each member's
+        and the centroid's coefficients, squared norms through the per-segment Gram sums."""
+        members = [self.members[i] for i in idx]
+        starts, ends = self._segments(*members)
+        block = self.prefix[ends] - self.prefix[starts]  # (U, S, S)
+        coefs = np.stack([m.at(starts) for m in members])  # (n, U, S)
+        norms = float(np.einsum("ius,ust,iut->", coefs, block, coefs))
+        coefs -= coefs.mean(axis=0)
+        return float(np.einsum("ius,ust,iut->", coefs, block, coefs)), norms
+
     def summary(self) -> dict:
         out = super().summary()
         filled = [m for m in self.members if m is not self.empty]
