@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -112,6 +113,8 @@ def fingerprint(job: Job):
 
 
 MIN_FAILURES_TO_STOP = 10
+STATS_LINES = 500  # strategy.jsonl: about this many lines over max_evals
+STATS_EVERY_S = 10.0  # ... or one every this many seconds of search (no max_evals)
 
 
 class Engine:
@@ -164,6 +167,11 @@ class Engine:
         self.replaying = False
         self.journal: Journal | None = None
         self.journal_no = 0
+        self.stats_every: int | None = None  # strategy.jsonl: a line every this many tells, else every
+        self.stats_mark = 0                  # STATS_EVERY_S of search; told // stats_every at the last line
+        self.stats_next_t = 0.0
+        self.stats_told = -1  # told at the last line
+        self.stats_failed = False
 
     # workers ----------------------------------------------------------------------------
     def launch_workers(self, shared_state=None) -> None:
@@ -231,7 +239,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.counts["worker_replacements"] += 1
-        self.rundir.log_event({"event": "replaced", "worker": w, "reason": reason})
+        self.rundir.log_event({"event": "replaced", "worker": w, "reason": reason, "t": round(self.elapsed(), 3)})
         limit = self.cfg.engine.max_worker_replacements
         if self.counts["worker_replacements"] > limit:
             raise UserError(f"engine.max_worker_replacements: workers were replaced "
@@ -294,6 +302,7 @@ class Engine:
         self.logged = repair_jsonl(run / "evals.jsonl")
         ops = Journal.read(run / journal_name(self.journal_no))
         self.replaying = True
+        last_t = 0.0  # search seconds of the last tell: a killed session's time since its checkpoint counts
         try:
             for op in ops:
                 if op[0] == "ask":
@@ -310,9 +319,11 @@ class Engine:
                         job.result["failed"] = bool(record.get("failed"))
                         job.scores = unpack_scores(packed)
                         jobs.append(job)
+                        last_t = max(last_t, record.get("t") or 0.0)
                     self._tell(jobs)
         finally:
             self.replaying = False
+        self.elapsed_before = max(self.elapsed_before, last_t)  # time stamps keep growing across sessions
         self.logged = set()
         self.stop_reason = None  # a resumed run decides again (the budget may have been raised)
         return len(ops)
@@ -474,6 +485,7 @@ class Engine:
     def _tell(self, jobs: list[Job]) -> None:
         jobs = list(jobs)  # may be a group itself, which shrinks below
         penalty = self.cfg.engine.failure_penalty
+        now = None if self.replaying else round(self.elapsed(), 3)  # search seconds when told
         records, results = [], []
         for job in jobs:
             r = job.result
@@ -485,6 +497,9 @@ class Engine:
             else:
                 record.update(fitness=r["fitness"], metrics=r["metrics"])
             record.update(worker=r["worker"], seconds=r["seconds"])
+            t = r.get("t") if self.replaying else now  # replayed: the time logged when first told
+            if t is not None:
+                record["t"] = t
             if job.attempts:
                 record["attempts"] = job.attempts + (0 if r["failed"] else 1)
             if r.get("cached_from") is not None:
@@ -523,6 +538,35 @@ class Engine:
         c = self.counts
         if c["failed"] >= MIN_FAILURES_TO_STOP and c["failed"] > self.cfg.engine.max_failure_fraction * c["told"]:
             self.stop_reason = "too_many_failures"
+        if not self.replaying:
+            if self.stats_every:
+                if c["told"] // self.stats_every != self.stats_mark:
+                    self._log_stats()
+            elif now is not None and now >= self.stats_next_t:
+                self._log_stats()
+
+    def _log_stats(self) -> None:
+        """A line of strategy.jsonl: tells so far, search seconds, the strategy's statistics."""
+        told, t = self.counts["told"], self.elapsed()
+        if self.stats_every:
+            self.stats_mark = told // self.stats_every
+        self.stats_next_t = (math.floor(t / STATS_EVERY_S) + 1) * STATS_EVERY_S
+        if told == self.stats_told:
+            return
+        self.stats_told = told
+        entry = {"evals": told, "t": round(t, 3)}
+        try:
+            stats = self.strategy.stats()
+        except Exception as err:  # noqa: BLE001 - statistics are never worth ending a long run
+            if not self.stats_failed:
+                print(f"warning: strategy statistics failed ({type(err).__name__}: {err}); "
+                      "strategy.jsonl logs only evals and t", file=sys.stderr)
+            self.stats_failed, stats = True, {}
+        for k, v in stats.items():
+            v = float(v)
+            if math.isfinite(v):
+                entry[k] = v
+        self.rundir.log_stats(entry)
 
     # the loop ---------------------------------------------------------------------------
     def _wait(self) -> None:
@@ -564,7 +608,7 @@ class Engine:
                     self.worker_ready[w] = True
                     self.worker_done_at[w] = time.perf_counter()
                     self.worker_info[w] = info
-                    self.rundir.log_event({"event": "started", **info})
+                    self.rundir.log_event({"event": "started", **info, "t": round(self.elapsed(), 3)})
                 continue
             task = self.inflight.pop(ref, None)
             if task is None:  # sent to a worker that has been replaced since
@@ -589,13 +633,18 @@ class Engine:
         self.worker_ready = [True] * len(self.workers)
         self.worker_done_at = [time.perf_counter()] * len(self.workers)
         for info in self.worker_info:
-            rundir.log_event({"event": "started", **info})
+            rundir.log_event({"event": "started", **info, "t": round(self.elapsed_before, 3)})
         for job in sorted(self.jobs.values(), key=lambda j: j.id):  # resumed: results still owed
             if job.result is None:
                 self._route(job)
             elif not e.deterministic:
                 self.ready.append(job)
         told_at_start = self.counts["told"]
+        n = self.cfg.budget.max_evals
+        self.stats_every = max(1, math.ceil(n / STATS_LINES)) if n is not None else None
+        self.stats_mark = self.counts["told"] // self.stats_every if self.stats_every else 0
+        self.stats_next_t = (math.floor(self.elapsed_before / STATS_EVERY_S) + 1) * STATS_EVERY_S
+        self.stats_told = self.counts["told"]  # nothing new to log yet
         progress = Progress(self.cfg.budget.max_evals, self.cfg.progress_every_s, enabled=self.show_progress)
         self.session_start = time.perf_counter()
         cpu_start = time.process_time()
@@ -630,6 +679,7 @@ class Engine:
         driver_cpu = time.process_time() - cpu_start
         done_now = self.counts["told"] - told_at_start
         progress.close(self.counts["told"], self.best["fitness"], done_now / max(session_seconds, 1e-9))
+        self._log_stats()  # the state at the end (unless the last line already shows it)
         self._checkpoint()
         self.session_start = None
         self.elapsed_before = search_seconds
@@ -702,7 +752,7 @@ class Engine:
         return {"eval_id": best["id"], "fitness": best["fitness"], "metrics": best["metrics"], "holdout": holdout}
 
 
-_RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from")
+_RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t")
 
 
 def journal_name(n: int) -> str:

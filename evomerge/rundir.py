@@ -1,5 +1,6 @@
 """The run directory: config.yaml, evals.jsonl (append-only), workers.jsonl (worker starts and
-replacements), checkpoint.pkl + journal-N.bin (resume), summary.json, best/."""
+replacements), strategy.jsonl (the strategy's statistics over time), checkpoint.pkl + journal-N.bin
+(resume), summary.json, best/, report/ (python run.py report)."""
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ class RunDir:
     def _open(self) -> None:
         self._evals = open(self.path / "evals.jsonl", "a", buffering=1 << 16)
         self._events = open(self.path / "workers.jsonl", "a", buffering=1)
+        self._stats = open(self.path / "strategy.jsonl", "a", buffering=1)
 
     def log_event(self, event: dict) -> None:
         self._events.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
@@ -58,6 +60,10 @@ class RunDir:
         """Append and hand to the OS at once: a killed driver loses no logged evaluation."""
         self._evals.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
         self._evals.flush()
+
+    def log_stats(self, entry: dict) -> None:
+        """One line of strategy statistics (line-buffered: each reaches the OS as it is written)."""
+        self._stats.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     def flush(self) -> None:
         if self._evals:
@@ -73,4 +79,5 @@ class RunDir:
         if self._evals:
             self._evals.close()
             self._events.close()
+            self._stats.close()
             self._evals = None
