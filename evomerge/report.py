@@ -34,8 +34,10 @@ CHECKPOINT_MAX_BYTES = 2 << 30  # archive.png: larger checkpoints are not unpick
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .cli import prog
+
     p = argparse.ArgumentParser(
-        prog="evomerge report",
+        prog=prog("report"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Plot runs and summarise them in Markdown, from their run directories.",
         epilog="""\
