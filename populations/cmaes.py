@@ -31,7 +31,7 @@ class CMAESConfig(Frozen):
     options: dict[str, Any] = Field(default_factory=dict, description="extra pycma options")
 
 
-class _Randn:
+class Randn:
     """pycma's `randn` option backed by a numpy Generator, so the sampling state pickles with es."""
 
     def __init__(self, seed: int):
@@ -83,7 +83,7 @@ class CMAES(Strategy):
             warnings.simplefilter("ignore")  # pycma warns when matplotlib is missing; plots are unused
             import cma  # imported here: it pulls in scipy.stats, seconds of start-up for other strategies
 
-        opts = {"seed": seed, "randn": _Randn(seed), "verbose": -9, "verb_log": 0, "verb_disp": 0}
+        opts = {"seed": seed, "randn": Randn(seed), "verbose": -9, "verb_log": 0, "verb_disp": 0}
         if cfg.popsize:
             opts["popsize"] = cfg.popsize
         if cfg.diagonal:

@@ -24,6 +24,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import Candidate, Result, SpaceInfo, Strategy
+from .cmaes import Randn
 
 
 class EvoMergingConfig(Frozen):
@@ -110,7 +111,8 @@ class EvoMerging(Strategy):
         else:
             x0 = np.zeros(len(idx))
         x0 = np.clip(x0, lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
-        opts = {"bounds": [list(lo), list(hi)], "seed": int(self.seed) + 1, "verbose": -9}
+        opts = {"bounds": [list(lo), list(hi)], "seed": int(self.seed) + 1, "verbose": -9,
+                "randn": Randn(int(self.seed) + 1)}  # sampling state in es (pickled), not numpy's global
         if self.cfg.popsize:
             opts["popsize"] = self.cfg.popsize
         if len(idx) == 1:  # pycma needs two dimensions: a dummy coordinate, ignored

@@ -6,7 +6,8 @@ per layer group); theta_{t+1} = (1 - gamma_t) theta_t + gamma_t s_t with gamma_t
 The atoms s are "expert k at weight `scale`, every other expert at 0": task-wise one atom for the
 whole model, layer-wise one per layer group. The oracle evaluates the candidate moves in parallel
 (one per pool model, or per group and model: a whole step is one batch for the engine) and picks the
-best, so an expert that does not help is never moved toward. Workers map the experts' task vectors
+best (as in Frank-Wolfe, the iterate moves toward the best atom even when no move improves on it;
+the step size shrinks as 2/(t+2), so a late unhelpful move is small). Workers map the experts' task vectors
 (memory does not grow with the pool); the strategy holds only the coefficient vector.
 
 With `oracle: gradient` (a differentiable fitness, e.g. lm_tasks' answer NLL, and a merge linear in

@@ -113,6 +113,10 @@ class M2N2(Strategy):
             raise ValueError("M2N2 needs at least one seed point")
         std = cfg.mutation_std
         self.mutation_std = (0.01 if space.random_seeds else 0.0) if std == "auto" else float(std)
+        if len(self.seed_points) == 1 and self.mutation_std == 0 and cfg.form == "dense":
+            raise UserError("strategy.mutation_std: this space has a single seed point, and M2N2 without mutation "
+                            "only recombines its seeds, so every child would be that point; set mutation_std > 0, "
+                            "or merge checkpoints with space hf_mixture and form: coefficients")
         self.rng = np.random.default_rng(seed)
         import torch  # its normal sampler is twice as fast as numpy's here: noise is most of ask()
 

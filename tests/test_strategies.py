@@ -241,6 +241,7 @@ def test_evo_merging_keeps_the_relevant_experts_with_their_signs_and_scales_them
     best = -np.inf
     for _ in range(40):
         cands = st.ask(100)
+        np.random.standard_normal(7)  # the driver's global numpy RNG is none of the strategy's state
         assert all(np.count_nonzero(c.x) <= 3 for c in cands)  # only the kept experts move
         np.testing.assert_array_equal(np.stack([c.x for c in cands]), np.stack([c.x for c in clone.ask(100)]))
         res = [Result(c, fitness(c.x)) for c in cands]
@@ -249,3 +250,10 @@ def test_evo_merging_keeps_the_relevant_experts_with_their_signs_and_scales_them
         best = max(best, max(r.fitness for r in res))
     assert best > -1e-3
     assert st.summary()["cma_best_weights"] == pytest.approx(target, abs=0.05)
+
+
+def test_m2n2_from_a_single_seed_without_mutation_is_refused():
+    info = SpaceInfo(dim=6, seeds=(np.zeros(6, np.float32),), lower=np.zeros(6), upper=np.ones(6))
+    with pytest.raises(UserError, match="strategy.mutation_std: this space has a single seed point"):
+        build_strategy(STRATEGIES["m2n2"][0](name="m2n2"), info, 0)
+    build_strategy(STRATEGIES["m2n2"][0](name="m2n2", mutation_std=0.05), info, 0)  # with mutation it searches
