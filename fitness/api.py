@@ -61,7 +61,8 @@ class APIFitnessConfig(Frozen):
                               "Is the candidate answer correct? Answer yes or no.\nAnswer:",
                               description="the judge's prompt; its reply counts as correct when it starts with 'yes'")
     concurrency: int = Field(4, ge=1, le=256, description="requests in flight per worker")
-    timeout_s: float = Field(30.0, gt=0, description="per request")
+    timeout_s: float = Field(30.0, gt=0, description="per request; also how long the search waits, before it "
+                                                     "starts, for a server that is still loading")
     max_retries: int = Field(6, ge=0, description="retries of a request after 429 / 5xx / timeout / bad body")
     backoff_s: float = Field(0.2, ge=0, description="first retry delay; doubles each retry, with jitter")
     max_requests: int | None = Field(None, ge=1, description="hard budget of requests for the run (checkpointed)")
@@ -158,6 +159,7 @@ class APIFitness(RecipeFitness):
                 re.compile(cfg.answer_regex)
             except re.error as e:
                 raise UserError(f"fitness.answer_regex: {e}") from None
+        _check_reachable(cfg)
 
     @classmethod
     def open_shared(cls, cfg: APIFitnessConfig, state: dict | None):
@@ -320,6 +322,46 @@ class APIFitness(RecipeFitness):
     def holdout_recipe(self, recipe: dict) -> dict[str, float]:
         accs, _, _ = self._score(recipe, "test")
         return {f"{t.name}_test_accuracy": a for t, a, d in zip(self.cfg.tasks, accs, self.data) if len(d["test"])}
+
+
+def _check_reachable(cfg: APIFitnessConfig) -> None:
+    """GET /models before the search starts: nothing listening at `base_url` (after waiting up to
+    `timeout_s` for a server that is still starting), or a key the server refuses, is a user error now
+    rather than every candidate failing after its retries. Anything else (a slow server, no /models
+    route, a 5xx) is left to the retries of the search itself."""
+    import sys
+
+    import openai
+
+    key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else "none"
+    client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "none", max_retries=0,
+                           timeout=min(cfg.timeout_s, 10.0))
+    deadline, said = time.monotonic() + cfg.timeout_s, False
+    try:
+        while True:
+            try:
+                client.models.list()
+                return
+            except openai.APITimeoutError:
+                return
+            except openai.APIConnectionError as e:
+                if time.monotonic() > deadline:
+                    why = str(e.__cause__ or e).splitlines()[0][:160]
+                    raise UserError(f"fitness.base_url: nothing answers at {cfg.base_url} ({why}); start the "
+                                    "server (e.g. python run.py serve --config ... --port N) or fix the URL") from None
+                if not said:
+                    print(f"waiting up to {cfg.timeout_s:g} s (fitness.timeout_s) for {cfg.base_url} to answer",
+                          file=sys.stderr)
+                    said = True
+                time.sleep(0.5)
+            except openai.AuthenticationError as e:
+                raise UserError(f"fitness.api_key_env: {cfg.base_url} refused the key "
+                                f"({'$' + cfg.api_key_env if cfg.api_key_env else 'no key set'}): "
+                                f"HTTP {e.status_code}") from None
+            except openai.APIError:
+                return
+    finally:
+        client.close()
 
 
 def _parse(resp) -> dict:

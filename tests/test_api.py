@@ -157,6 +157,26 @@ def run_with_key(*args):
                           env={**os.environ, "EVOMERGE_TEST_KEY": KEY})
 
 
+def test_no_server_or_a_refused_key_is_one_line_before_the_search(server, family, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    out = tmp_path / "run"
+    r = run_with_key("--config", search_config(family, free, tmp_path, timeout_s=1), "--out", str(out), "--no-progress")
+    assert r.returncode == 2 and not out.exists()
+    waiting, line = r.stderr.strip().splitlines()  # it waits fitness.timeout_s for a server still starting
+    assert waiting == f"waiting up to 1 s (fitness.timeout_s) for http://127.0.0.1:{free}/v1 to answer"
+    assert line.startswith(f"error: fitness.base_url: nothing answers at http://127.0.0.1:{free}/v1")
+    r = subprocess.run([sys.executable, "run.py", "--config", search_config(family, server, tmp_path), "--out",
+                        str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "EVOMERGE_TEST_KEY": "sk-wrong"})
+    assert r.returncode == 2 and not out.exists()
+    assert r.stderr.strip().splitlines() == [
+        f"error: fitness.api_key_env: http://127.0.0.1:{server}/v1 refused the key ($EVOMERGE_TEST_KEY): HTTP 401"]
+
+
 def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(family, tmp_path):
     srv = start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY", "--chaos", "0.2",
                        "--chaos-timeout-s", "1.5", env={"EVOMERGE_TEST_KEY": KEY})
