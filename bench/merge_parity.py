@@ -177,6 +177,29 @@ def run_mergekit(exe: str, config: dict, out_dir: Path, *, seed: int = 0) -> flo
     return wall
 
 
+def run_mergekit_many(exe: str, jobs: list[tuple[dict, Path]]) -> None:
+    """`mergekit-yaml CONFIG OUT --no-copy-tokenizer --no-cuda --quiet` for every (config, out) job, all in one
+    Python process when `exe` is a Python console script (importing mergekit alone takes ~8 s): its own
+    command, `mergekit.scripts.run_yaml.main`, called once per job; otherwise one process per job."""
+    import yaml
+
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    argvs = []
+    for config, out_dir in jobs:
+        cfg_path = Path(out_dir).with_suffix(".yaml")
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argvs.append([str(cfg_path), str(out_dir), "--no-copy-tokenizer", "--no-cuda", "--quiet"])
+    first = Path(exe).read_bytes()[:512].split(b"\n")[0].decode(errors="replace")
+    python = first[2:].strip() if first.startswith("#!") and "python" in first and " " not in first.strip() else None
+    runs = ([[python, "-c", "import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
+                            "for argv in json.loads(sys.argv[1]):\n    main.main(argv, standalone_mode=False)\n",
+              json.dumps(argvs)]] if python else [[exe, *a] for a in argvs])
+    for cmd in runs:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
 # evomerge ----------------------------------------------------------------------------------
 
 def evomerge_kwargs(method: str, *, weights=WEIGHTS, density=DENSITY, gamma=GAMMA, t: float = SLERP_T):

@@ -22,26 +22,71 @@ MERGEKIT = merge_parity.find_mergekit()
 pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="no mergekit-yaml executable found")
 
 METHODS = ["linear", "task_arithmetic", "ties", "ties_unnormalized", "slerp"]
+EXPORTED = ["ties", "task_arithmetic", "linear"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def cases(tmp_path_factory):
+    """Every case's tensors, ours and mergekit's: what evomerge computes, then one mergekit run for all.
+
+    {case: (ours, theirs)}: the five methods on random Llama checkpoints (merge_tensor), a passthrough
+    layer stack, three per-group recipes exported as mergekit YAML and an hf_mixture recipe (the models
+    evomerge materializes)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from evomerge.export import mergekit_config
+    from evomerge.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
+    from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
+    from evomerge.passthrough import mergekit_passthrough, stack_layers
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import tiny_family
+
     root = tmp_path_factory.mktemp("mergekit_parity")
+    ours, jobs = {}, []
+
     paths = merge_parity.build_models(root / "models", hidden=64, layers=2, intermediate=128, vocab=256)
     base = merge_parity.load_state(paths["base"])
     experts = [merge_parity.load_state(p) for p in paths["experts"]]
     deltas = [{k: e[k] - base[k] for k in base} for e in experts]
-    return root, paths, base, experts, deltas
+    for method in METHODS:
+        ours[method] = merge_parity.evomerge_merge(method, base, experts,
+                                                   {k: torch.empty_like(v) for k, v in base.items()}, deltas=deltas)
+        jobs.append((f"{method}", merge_parity.mergekit_config(method, paths)))
+
+    one_base, one = tiny_family(root / "one", experts=("a",))
+    models = {"base": one_base, "a": one["a"]}
+    slices = [{"model": "base", "layers": [0, 2]}, {"model": "a", "layers": [1, 3]}]
+    stack_layers(one_base, models, slices, root / "passthrough_ours")
+    ours["passthrough"] = load_file(str(root / "passthrough_ours" / "model.safetensors"))
+    jobs.append(("passthrough", mergekit_passthrough(models, slices)))
+
+    fam_base, fam = tiny_family(root / "family")
+    spec = {"base": str(fam_base), "experts": {k: str(v) for k, v in fam.items()}}
+    for method in EXPORTED:
+        space = HFMergeSpace(HFMergeSpaceConfig(name="hf_merge", method=method, cache_dir=str(root / f"tv_{method}"),
+                                                models=spec), seed=0)
+        recipe = space.decode(np.random.default_rng(3).uniform(space.lower, space.upper))
+        ours[f"exported_{method}"] = params(space.open_runtime("cpu").materialize(recipe))
+        jobs.append((f"exported_{method}", mergekit_config(space, recipe)))
+    space = HFMixtureSpace(HFMixtureSpaceConfig(name="hf_mixture", include_base=True, cache_dir=str(root / "mix"),
+                                                models=spec), seed=0)
+    recipe = space.decode(np.random.default_rng(3).normal(0.3, 0.5, space.dim))
+    ours["mixture"] = params(space.open_runtime("cpu").materialize(recipe))
+    jobs.append(("mixture", space.mergekit_config(recipe)))
+
+    merge_parity.run_mergekit_many(MERGEKIT, [(config, root / f"mk_{case}") for case, config in jobs])
+    return {case: (ours[case], merge_parity.load_state(root / f"mk_{case}")) for case, _ in jobs}
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_matches_mergekit(models, method):
-    root, paths, base, experts, deltas = models
-    out_dir = root / f"mk_{method}"
-    merge_parity.run_mergekit(MERGEKIT, merge_parity.mergekit_config(method, paths), out_dir)
-    theirs = merge_parity.load_state(out_dir)
-    ours = merge_parity.evomerge_merge(method, base, experts, {k: torch.empty_like(v) for k, v in base.items()},
-                                       deltas=deltas)
+def test_matches_mergekit(cases, method):
+    ours, theirs = cases[method]
     assert set(theirs) == set(ours)
     worst = 0.0
     for name, t in theirs.items():
@@ -50,87 +95,26 @@ def test_matches_mergekit(models, method):
     assert worst <= 1e-6, f"{method}: max abs diff {worst:.3e} vs mergekit"
 
 
-def test_passthrough_matches_mergekit(tmp_path):
-    import subprocess
-
-    import yaml
-    from safetensors.torch import load_file
-
-    from evomerge.passthrough import mergekit_passthrough, stack_layers
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_models import tiny_family
-
-    base, experts = tiny_family(tmp_path, experts=("a",))
-    models = {"base": base, "a": experts["a"]}
-    slices = [{"model": "base", "layers": [0, 2]}, {"model": "a", "layers": [1, 3]}]
-    stack_layers(base, models, slices, tmp_path / "ours")
-    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mergekit_passthrough(models, slices)))
-    subprocess.run([MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
-                    "--no-cuda", "--quiet"], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-                   capture_output=True)
-    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
-    theirs = {}
-    for f in (tmp_path / "theirs").glob("*.safetensors"):
-        theirs.update(load_file(str(f)))
+def test_passthrough_matches_mergekit(cases):
+    """A layer stack (frankenmerge) equals mergekit's passthrough, bit for bit."""
+    ours, theirs = cases["passthrough"]
     assert set(ours) == set(theirs)
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) == 0.0
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
-def test_exported_recipe_yaml_reproduces_the_merge(tmp_path, method):
+@pytest.mark.parametrize("method", EXPORTED)
+def test_exported_recipe_yaml_reproduces_the_merge(cases, method):
     """A per-group recipe exported as mergekit YAML gives the tensors evomerge materialized."""
-    import numpy as np
-
-    from evomerge.export import mergekit_config
-    from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_models import tiny_family
-
-    base, experts = tiny_family(tmp_path)
-    space = HFMergeSpace(HFMergeSpaceConfig(
-        name="hf_merge", method=method, cache_dir=str(tmp_path / "tv"),
-        models={"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}), seed=0)
-    recipe = space.decode(np.random.default_rng(3).uniform(space.lower, space.upper))
-    model = space.open_runtime("cpu").materialize(recipe)
-    assert_mergekit_reproduces(mergekit_config(space, recipe), model, tmp_path)
+    assert_mergekit_reproduces(*cases[f"exported_{method}"])
 
 
-def test_exported_mixture_yaml_reproduces_the_mixture(tmp_path):
+def test_exported_mixture_yaml_reproduces_the_mixture(cases):
     """An hf_mixture recipe (one coefficient per tensor and seed) is mergekit's linear, unnormalized."""
-
-    import numpy as np
-
-    from evomerge.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_models import tiny_family
-
-    base, experts = tiny_family(tmp_path)
-    space = HFMixtureSpace(HFMixtureSpaceConfig(
-        name="hf_mixture", include_base=True, cache_dir=str(tmp_path / "cache"),
-        models={"base": str(base), "experts": {k: str(v) for k, v in experts.items()}}), seed=0)
-    recipe = space.decode(np.random.default_rng(3).normal(0.3, 0.5, space.dim))
-    model = space.open_runtime("cpu").materialize(recipe)
-    assert_mergekit_reproduces(space.mergekit_config(recipe), model, tmp_path)
+    assert_mergekit_reproduces(*cases["mixture"])
 
 
-def assert_mergekit_reproduces(config: dict, model, tmp_path) -> None:
-    """`mergekit-yaml config` gives the tensors of our materialized `model` within 1e-6."""
-    import subprocess
-
-    import yaml
-    from safetensors.torch import load_file
-
-    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
-    subprocess.run([MERGEKIT, str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
-                    "--no-cuda", "--quiet"], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-                   capture_output=True)
-    theirs = {}
-    for f in (tmp_path / "theirs").glob("*.safetensors"):
-        theirs.update(load_file(str(f)))
-    ours = dict(model.named_parameters())
+def assert_mergekit_reproduces(ours: dict, theirs: dict) -> None:
+    """mergekit's tensors are those of our materialized model within 1e-6."""
     assert set(theirs) <= set(ours)
-    diff = max((ours[k].detach() - theirs[k]).abs().max().item() for k in theirs)
+    diff = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
     assert diff <= 1e-6
