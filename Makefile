@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the test tools and the optional extras the tests exercise (pytest, peft, lm-eval)
+# the test tools and the optional extras the tests exercise (pytest, pytest-xdist, peft, lm-eval)
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
@@ -21,8 +21,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) run.py --config configs/quickstart.yaml
 
+# two test processes, one test file each (module fixtures are built once)
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/digits.py
