@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import UserError
+from .progress import rate_text
 
 
 COMMANDS = (
@@ -209,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     best = summary.get("best", {})
     print(f"run directory: {out}")
     print(f"stopped by {summary['stop_reason']} after {summary['evaluations']} evaluations in "
-          f"{summary['search_seconds']:.1f} s of search ({summary['evals_per_second']:.0f} evals/s, "
+          f"{summary['search_seconds']:.1f} s of search ({rate_text(summary['evals_per_second'])} evals/s, "
           f"start-up {summary['startup_seconds']:.1f} s)")
     if summary["failed"]:
         print(f"{summary['failed']} evaluations failed; last: {summary.get('last_failure')}")

@@ -35,7 +35,7 @@ class Progress:
 
     def line(self, done: int, best: float, rate: float) -> None:
         total = f"/{self.total}" if self.total else ""
-        print(f"evals {done}{total}  best {best:.4f}  {rate:.0f} evals/s", file=self.stream, flush=True)
+        print(f"evals {done}{total}  best {best:.4f}  {rate_text(rate)} evals/s", file=self.stream, flush=True)
 
     def close(self, done: int, best: float, rate: float) -> None:
         if self.bar is not None:
@@ -44,3 +44,8 @@ class Progress:
             self.bar.close()
         elif self.enabled:
             self.line(done, best, rate)
+
+
+def rate_text(rate: float) -> str:
+    """Evaluations per second, readable for fast digits runs and for LLM / API runs alike (1415, 2.4, 0.37)."""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
