@@ -161,43 +161,44 @@ def mergekit_config(method: str, paths: dict, *, weights=WEIGHTS, density=DENSIT
     return cfg
 
 
-def run_mergekit(exe: str, config: dict, out_dir: Path, *, seed: int = 0) -> float:
-    """Run `mergekit-yaml` on `config`; returns the wall time of the command in seconds."""
-    out_dir = Path(out_dir)
-    cfg_path = out_dir.with_suffix(".yaml")
-    cfg_path.write_text(_yaml(config) + "\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [exe, str(cfg_path), str(out_dir), "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
-           "--no-cuda", "--random-seed", str(seed)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+def _mergekit_argv(config_text: str, out_dir: Path, *flags: str) -> list[str]:
+    """Write the config beside `out_dir`; mergekit-yaml's arguments for it (CPU, no tokenizer copy, quiet)."""
+    cfg_path = Path(out_dir).with_suffix(".yaml")
+    cfg_path.write_text(config_text)
+    return [str(cfg_path), str(out_dir), "--no-copy-tokenizer", "--no-cuda", "--quiet", *flags]
+
+
+def _run_mergekit_process(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     if proc.returncode != 0:
         raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return wall
+
+
+def run_mergekit(exe: str, config: dict, out_dir: Path, *, seed: int = 0) -> float:
+    """Run `mergekit-yaml` on `config`; returns the wall time of the command in seconds."""
+    cmd = [exe, *_mergekit_argv(_yaml(config) + "\n", out_dir, "--no-write-model-card", "--random-seed", str(seed))]
+    t0 = time.perf_counter()
+    _run_mergekit_process(cmd)
+    return time.perf_counter() - t0
 
 
 def run_mergekit_many(exe: str, jobs: list[tuple[dict, Path]]) -> None:
-    """`mergekit-yaml CONFIG OUT --no-copy-tokenizer --no-cuda --quiet` for every (config, out) job, all in one
-    Python process when `exe` is a Python console script (importing mergekit alone takes ~8 s): its own
-    command, `mergekit.scripts.run_yaml.main`, called once per job; otherwise one process per job."""
+    """`mergekit-yaml` on every (config, out) job, all in one Python process when `exe` is a Python console
+    script (importing mergekit alone takes ~8 s): its own command, `mergekit.scripts.run_yaml.main`, called
+    once per job; otherwise one process per job."""
     import yaml
 
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    argvs = []
-    for config, out_dir in jobs:
-        cfg_path = Path(out_dir).with_suffix(".yaml")
-        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        argvs.append([str(cfg_path), str(out_dir), "--no-copy-tokenizer", "--no-cuda", "--quiet"])
+    argvs = [_mergekit_argv(yaml.safe_dump(config, sort_keys=False), out_dir) for config, out_dir in jobs]
     first = Path(exe).read_bytes()[:512].split(b"\n")[0].decode(errors="replace")
     python = first[2:].strip() if first.startswith("#!") and "python" in first and " " not in first.strip() else None
-    runs = ([[python, "-c", "import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
-                            "for argv in json.loads(sys.argv[1]):\n    main.main(argv, standalone_mode=False)\n",
-              json.dumps(argvs)]] if python else [[exe, *a] for a in argvs])
-    for cmd in runs:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if python is None:
+        for argv in argvs:
+            _run_mergekit_process([exe, *argv])
+        return
+    _run_mergekit_process([python, "-c", "import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
+                                         "for argv in json.loads(sys.argv[1]):\n"
+                                         "    main.main(argv, standalone_mode=False)\n", json.dumps(argvs)])
 
 
 # evomerge ----------------------------------------------------------------------------------

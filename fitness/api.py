@@ -25,10 +25,12 @@ in a config, log or checkpoint.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -167,13 +169,9 @@ class APIFitness(RecipeFitness):
         return shared_budget(cfg, state)
 
     def __init__(self, cfg: APIFitnessConfig):
-        from openai import OpenAI
-
         self.cfg = cfg
         self.data = [load_task(t, f"fitness.tasks[{i}].path") for i, t in enumerate(cfg.tasks)]
-        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else "none"
-        # our own retries (counted, budgeted); the client's are off
-        self.client = OpenAI(base_url=cfg.base_url, api_key=key or "none", max_retries=0, timeout=cfg.timeout_s)
+        self.client = _client(cfg, cfg.timeout_s)
         self.regex = re.compile(cfg.answer_regex) if cfg.answer_regex else None
         self.budget = shared_budget(cfg)
         self.cache: OrderedDict[str, dict] = OrderedDict()
@@ -324,35 +322,38 @@ class APIFitness(RecipeFitness):
         return {f"{t.name}_test_accuracy": a for t, a, d in zip(self.cfg.tasks, accs, self.data) if len(d["test"])}
 
 
+def _client(cfg: APIFitnessConfig, timeout_s: float):
+    """The `openai` client for `base_url`, the key read from $`api_key_env`; our own retries (counted,
+    budgeted) replace the client's."""
+    from openai import OpenAI
+
+    key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else "none"
+    return OpenAI(base_url=cfg.base_url, api_key=key or "none", max_retries=0, timeout=timeout_s)
+
+
 def _check_reachable(cfg: APIFitnessConfig) -> None:
     """GET /models before the search starts: nothing listening at `base_url` (after waiting up to
     `timeout_s` for a server that is still starting), or a key the server refuses, is a user error now
     rather than every candidate failing after its retries. Anything else (a slow server, no /models
     route, a 5xx) is left to the retries of the search itself."""
-    import sys
-
     import openai
 
-    key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else "none"
-    client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "none", max_retries=0,
-                           timeout=min(cfg.timeout_s, 10.0))
-    deadline, said = time.monotonic() + cfg.timeout_s, False
-    try:
-        while True:
+    deadline = time.monotonic() + cfg.timeout_s
+    with _client(cfg, min(cfg.timeout_s, 10.0)) as client:
+        for attempt in itertools.count():
             try:
                 client.models.list()
                 return
-            except openai.APITimeoutError:
+            except openai.APITimeoutError:  # (a connection error too) something answers, slowly
                 return
             except openai.APIConnectionError as e:
                 if time.monotonic() > deadline:
                     why = str(e.__cause__ or e).splitlines()[0][:160]
                     raise UserError(f"fitness.base_url: nothing answers at {cfg.base_url} ({why}); start the "
                                     "server (e.g. python run.py serve --config ... --port N) or fix the URL") from None
-                if not said:
+                if attempt == 0:
                     print(f"waiting up to {cfg.timeout_s:g} s (fitness.timeout_s) for {cfg.base_url} to answer",
                           file=sys.stderr)
-                    said = True
                 time.sleep(0.5)
             except openai.AuthenticationError as e:
                 raise UserError(f"fitness.api_key_env: {cfg.base_url} refused the key "
@@ -360,8 +361,6 @@ def _check_reachable(cfg: APIFitnessConfig) -> None:
                                 f"HTTP {e.status_code}") from None
             except openai.APIError:
                 return
-    finally:
-        client.close()
 
 
 def _parse(resp) -> dict:
