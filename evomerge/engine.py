@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import numpy as np
 
 from populations import STRATEGIES, Candidate, Result, Strategy
 
-from .config import EngineConfig, RunConfig
+from .config import RunConfig
 from .errors import UserError
 from .journal import Journal, pack_scores, read_checkpoint, repair_jsonl, unpack_scores, write_checkpoint
 from .pareto import ParetoFront
@@ -30,46 +28,6 @@ from .progress import Progress
 from .rundir import RunDir
 from .space import SearchSpace
 from .worker import FitnessWorker
-
-
-class RayCluster:
-    """A private local Ray instance (loopback, no usage stats, own temp dir) or an existing cluster."""
-
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.temp_dir: str | None = None
-        self.owned = False
-
-    def __enter__(self) -> "RayCluster":
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        import ray
-
-        if ray.is_initialized():  # e.g. a notebook that set Ray up itself
-            return self
-        if self.cfg.address == "local":
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            self.temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-", dir="/tmp")
-            need = int(np.ceil(self.cfg.workers * self.cfg.cpus_per_worker))
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                     _temp_dir=self.temp_dir, _node_ip_address="127.0.0.1",
-                     logging_level=logging.ERROR, configure_logging=True)
-        else:
-            try:
-                ray.init(address=self.cfg.address, logging_level=logging.ERROR)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"engine.address: cannot join Ray cluster {self.cfg.address!r}: {msg}") from None
-        self.owned = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import ray
-
-        if self.owned:
-            ray.shutdown()
-        if self.temp_dir:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @dataclass(eq=False)
