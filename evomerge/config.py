@@ -15,7 +15,7 @@ from fitness import FITNESSES
 from populations import STRATEGIES
 
 from .errors import UserError
-from .schema import Frozen
+from .schema import BOOL_ERROR, Frozen
 from .spaces import SPACES
 
 
@@ -93,16 +93,56 @@ class RunConfig(Frozen):
 
 # loading -------------------------------------------------------------------------------------
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML lets the last one win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: keys given next to it override it, as intended
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """(' line N', problem) of a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" line {mark.line + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return where, problem
+
+
 def parse_set(item: str) -> tuple[list[str], Any]:
-    """`strategy.alpha=0.5` -> (['strategy', 'alpha'], 0.5); the value is read as YAML."""
+    """`strategy.alpha=0.5` -> (['strategy', 'alpha'], 0.5); the value is read as YAML (a key given twice in
+    it is an error; text that is not YAML is taken as a string)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item}: expected KEY=VALUE, e.g. strategy.alpha=0.5")
+    path = key.strip().split(".")
+    if not all(p.strip() for p in path):
+        raise UserError(f"--set {item}: empty part in the key {key.strip()!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
+    except yaml.constructor.ConstructorError as e:
+        raise UserError(f"--set {item}: {_yaml_problem(e)[1]}") from None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_sets(data: dict, sets: list[str]) -> dict:
@@ -123,17 +163,23 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{p}: no such config file") from None
+    except IsADirectoryError:
+        raise UserError(f"{p}: is a directory, not a config file") from None
     except OSError as e:
         raise UserError(f"{p}: cannot read: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{p}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the config "
+                        "as UTF-8") from None
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        where, problem = _yaml_problem(e)
         raise UserError(f"{p}:{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}
@@ -142,32 +188,51 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+_MISSING = object()
+
+
 def _field_path(loc: tuple, data: Any) -> str:
-    """Join pydantic's error location, dropping the union tags it inserts (strategy.m2n2.alpha)."""
+    """Join pydantic's error location, dropping the tags it inserts: a discriminated union's
+    (strategy.m2n2.alpha) and a plain union's member names (budget.max_evals.int)."""
     parts, node = [], data
     for item in loc:
         if isinstance(node, dict) and item not in node and node.get("name") == item:
             continue  # a discriminated-union tag
+        if node is not _MISSING and not isinstance(node, (dict, list)):
+            continue  # past a scalar: a union member's name, not a field
         parts.append(str(item))
-        node = node.get(item) if isinstance(node, dict) else (
-            node[item] if isinstance(node, list) and isinstance(item, int) and item < len(node) else None)
+        if isinstance(node, dict):
+            node = node.get(item, _MISSING)
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            node = node[item]
+        else:
+            node = _MISSING
     return ".".join(parts)
 
 
 def format_validation_error(err: ValidationError, data: dict) -> str:
-    e = err.errors(include_url=False)[0]
+    errors = err.errors(include_url=False)
+    e = errors[0]
     path = _field_path(tuple(e["loc"]), data)
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "union_tag_invalid":
+    if e["type"] == BOOL_ERROR:  # raised by the section, about one of its fields
+        ctx = e["ctx"]
+        path = f"{path}.{ctx['field']}{ctx['at']}" if path else f"{ctx['field']}{ctx['at']}"
+        msg = f"Input should be {ctx['kind']}, not a boolean (got {ctx['value']!r})"
+    elif e["type"] == "union_tag_invalid":
         choices = e.get("ctx", {}).get("expected_tags", "")
         msg = f"unknown name {e.get('ctx', {}).get('tag')!r}; choose one of {choices}"
     elif e["type"] == "union_tag_not_found":
         msg = "missing 'name' (which one to use)"
     elif e["type"] == "extra_forbidden":
         msg = "unknown field"
+    elif e["type"] == "finite_number":
+        msg = f"must be a finite number, not {e['input']!r}"
     elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
         msg += f" (got {e['input']!r})"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    # a union reports each member's failure at one place: one problem, not several
+    n = len({_field_path(tuple(x["loc"]), data) for x in errors}) if e["type"] != BOOL_ERROR else 1
+    more = f" (and {n - 1} more)" if n > 1 else ""
     return f"config {path}: {msg}{more}" if path else f"config: {msg}{more}"
 
 
