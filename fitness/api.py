@@ -44,7 +44,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import RecipeFitness, StopRun
-from .lm_tasks import TaskSpec, check_unique_names, load_task
+from .lm_tasks import TaskSpec, check_unique_names, load_tasks
 
 
 class APIFitnessConfig(Frozen):
@@ -161,6 +161,7 @@ class APIFitness(RecipeFitness):
                 re.compile(cfg.answer_regex)
             except re.error as e:
                 raise UserError(f"fitness.answer_regex: {e}") from None
+        load_tasks(cfg.tasks)  # a defective task file is refused before any wait for the server
         _check_reachable(cfg)
 
     @classmethod
@@ -170,7 +171,7 @@ class APIFitness(RecipeFitness):
 
     def __init__(self, cfg: APIFitnessConfig):
         self.cfg = cfg
-        self.data = [load_task(t, f"fitness.tasks[{i}].path") for i, t in enumerate(cfg.tasks)]
+        self.data = load_tasks(cfg.tasks)  # once per worker
         self.client = _client(cfg, cfg.timeout_s)
         self.regex = re.compile(cfg.answer_regex) if cfg.answer_regex else None
         self.budget = shared_budget(cfg)

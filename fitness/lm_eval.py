@@ -38,7 +38,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import ModelFitness
-from .lm_tasks import check_unique_names
+from .lm_tasks import check_unique_names, read_jsonl
 
 INSTALL_HINT = "pip install 'evomerge[lm-eval]'"
 
@@ -287,8 +287,13 @@ def _resolve(cfg: LMEvalFitnessConfig, i: int, spec: LMEvalTask, task) -> _Plan:
     return _Plan(spec.name, metric, filt, spec.metric, split, holdout, int(shots), limit, spec.weight)
 
 
-def _load_checked(cfg: LMEvalFitnessConfig) -> tuple[dict, list[_Plan]]:
-    """Build the configured tasks (datasets included) and resolve them; UserError naming the field."""
+def _load_checked(cfg: LMEvalFitnessConfig, check_data: bool = False) -> tuple[dict, list[_Plan]]:
+    """Build the configured tasks (datasets included) and resolve them; UserError naming the field.
+
+    check_data (the driver's check, not the workers): the local JSONL data files of the tasks in
+    `include_path` are read first (a defect there is named by file and line, not by the datasets
+    library's 'An error occurred while generating the dataset'), and after the build every example of
+    their searched and held-out splits must make a prompt, choices and an answer lm-eval can score."""
     _import()
     if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
         raise UserError(f"fitness.include_path: {cfg.include_path}: no such directory")
@@ -303,15 +308,147 @@ def _load_checked(cfg: LMEvalFitnessConfig) -> tuple[dict, list[_Plan]]:
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             where = f" in {cfg.include_path} or lm-eval's own tasks" if cfg.include_path else ""
             raise UserError(f"fitness.tasks[{i}].name: no lm-eval task '{t.name}'{where}{hint}")
+    files = {}  # task name -> {split: (path, [line numbers of its rows])} of its local JSONL data files
+    if check_data:
+        for i, t in enumerate(cfg.tasks):
+            files[t.name] = _scan_data_files(cfg, tm, i, t.name)
     tasks = {}
     for i, t in enumerate(cfg.tasks):  # one by one: a failure names its task
         try:
-            tasks.update(_build_tasks(tm, [t.name]))
+            with _quiet_datasets(check_data):
+                tasks.update(_build_tasks(tm, [t.name]))
         except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise anything
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"fitness.tasks[{i}].name: task '{t.name}' cannot be loaded: {msg[:300]}") from None
+            raise UserError(f"fitness.tasks[{i}].name: task '{t.name}' cannot be loaded: {_why(e)}") from None
     plans = [_resolve(cfg, i, t, tasks[t.name]) for i, t in enumerate(cfg.tasks)]
+    if check_data:
+        for i, p in enumerate(plans):
+            if files.get(p.name) is not None:
+                _check_docs(i, p, tasks[p.name], files[p.name])
     return tasks, plans
+
+
+def _why(e: BaseException) -> str:
+    """One line: the innermost cause's message (datasets wraps the reader's error in a generic one)."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    for err in reversed(seen):
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if msg:
+            return msg[:300]
+    return type(seen[-1]).__name__
+
+
+@contextlib.contextmanager
+def _quiet_datasets(on: bool):
+    """The datasets library logs a reader's failure (e.g. 'Failed to load JSON ...') besides raising it:
+    in the driver's check the raised error is the one line the user gets."""
+    if not on:
+        yield
+        return
+    lg = logging.getLogger("datasets")
+    level = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def _task_entry_config(tm, name: str) -> tuple[dict | None, Path | None]:
+    """(the task's YAML config as the TaskManager indexed it, its YAML path); (None, None) if unknown."""
+    entry = getattr(tm, "task_index", {}).get(name)
+    if entry is None:
+        return None, None
+    get = entry.get if isinstance(entry, dict) else lambda k: getattr(entry, k, None)
+    cfg, path = get("cfg"), get("yaml_path")
+    return (cfg if isinstance(cfg, dict) else None), (Path(path) if path else None)
+
+
+def _scan_data_files(cfg: LMEvalFitnessConfig, tm, i: int, name: str) -> dict | None:
+    """Read the local JSONL data files of a task defined in include_path (dataset_path: json):
+    {split: (path, line numbers of its rows)}; None when the task is not one of those."""
+    if not cfg.include_path:
+        return None
+    task_cfg, yaml_path = _task_entry_config(tm, name)
+    if task_cfg is None or yaml_path is None or task_cfg.get("dataset_path") not in ("json", "jsonl"):
+        return None
+    try:
+        yaml_path.resolve().relative_to(Path(cfg.include_path).resolve())
+    except ValueError:
+        return None
+    data_files = (task_cfg.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(data_files, (str, list)):
+        data_files = {"train": data_files}
+    if not isinstance(data_files, dict):
+        return None
+    out = {}
+    for split, paths in data_files.items():
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(f, str) for f in paths):
+            return None
+        lines = []
+        for f in paths:
+            if "://" in f or any(c in f for c in "*?["):
+                return None  # remote or a glob: the datasets library resolves it
+            lines.append((f, [no for no, _ in read_jsonl(f, f"fitness.tasks[{i}].name: task '{name}'")]))
+        out[str(split)] = lines
+    return out
+
+
+def _check_docs(i: int, plan: _Plan, task, files: dict) -> None:
+    """Every example of the searched and held-out splits: a prompt that is not empty, and for a
+    multiple-choice task non-empty choices and an answer that is one of them (lm-eval would score a
+    wrong one as a miss, with a warning per candidate); for generate_until an answer."""
+    kind = task.get_config("output_type")
+    for split in (plan.split, plan.holdout_split):
+        if split is None or split not in (getattr(task, "dataset", None) or {}):
+            continue
+        docs = task.dataset[split]
+        process = task.get_config("process_docs")
+        if callable(process):
+            docs = process(docs)
+        lines = None
+        if not callable(process) and len(files.get(split, [])) == 1:
+            path, lines = files[split][0]
+
+        def bad(k: int, msg: str):
+            at = f"{path} line {lines[k]}" if lines is not None and k < len(lines) else f"split '{split}' example {k + 1}"
+            raise UserError(f"fitness.tasks[{i}].name: task '{plan.name}': {at}: {msg}")
+
+        def field(attr: str, role: str) -> str:
+            v = task.get_config(attr)
+            return f"'{v}'" if isinstance(v, str) and v in (task.features or []) else f"the {role} ({attr})"
+
+        for k, doc in enumerate(docs):
+            try:
+                text = task.doc_to_text(doc)
+                target = task.doc_to_target(doc)
+                choices = task.doc_to_choice(doc) if kind == "multiple_choice" else None
+            except Exception as e:  # noqa: BLE001 - a template over a missing field raises anything
+                bad(k, f"cannot build the example: {type(e).__name__}: {_why(e)}")
+            if kind not in ("multiple_choice", "generate_until"):
+                continue
+            prompt, answer = field("doc_to_text", "prompt"), field("doc_to_target", "answer")
+            if text is None:
+                bad(k, f"missing {prompt}")
+            if isinstance(text, str) and not text.strip():
+                bad(k, f"{prompt} is empty")
+            if target is None:
+                bad(k, f"missing {answer}")
+            if isinstance(target, bool):
+                bad(k, f"{answer} is a boolean (got {target!r})")
+            if kind != "multiple_choice":
+                continue
+            if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+                bad(k, f"{field('doc_to_choice', 'choices')} must be a list of non-empty strings (got {choices!r})")
+            golds = target if isinstance(target, list) else [target]
+            for g in golds:
+                if isinstance(g, bool) or not (isinstance(g, int) and 0 <= g < len(choices)
+                                               or isinstance(g, str) and g in choices):
+                    bad(k, f"{answer} must be the index of the right choice, "
+                           f"0..{len(choices) - 1} (got {g!r})")
 
 
 # the fitness --------------------------------------------------------------------------------------
@@ -328,7 +465,7 @@ class LMEvalFitness(ModelFitness):
         """In the driver before Ray starts: lm-eval is installed, every task exists and loads, every
         metric is one its task produces per example, the splits exist."""
         _quiet_logs()
-        _load_checked(cfg)
+        _load_checked(cfg, check_data=True)
 
     def __init__(self, cfg: LMEvalFitnessConfig):
         _quiet_logs()

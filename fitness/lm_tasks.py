@@ -69,34 +69,68 @@ class _Split:
         return len(self.prompts)
 
 
-def load_task(spec: TaskSpec, where: str) -> dict[str, _Split]:
-    """Read one JSONL task file into {'train': _Split, 'test': _Split}; UserError on any defect."""
-    p = Path(spec.path)
+BOM = b"\xef\xbb\xbf"
+
+
+def read_jsonl(path: str | Path, where: str) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSONL file, with their line numbers (blank lines skipped); UserError naming
+    `where` (the config field), the file and the line for a missing, unreadable, non-UTF-8 or empty
+    file, a byte-order mark, a line that is not JSON or not an object."""
+    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{where}: {p}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: {p}: is a directory, not a JSONL file") from None
     except OSError as e:
         raise UserError(f"{where}: {p}: cannot read: {e.strerror}") from None
-    splits = {"train": _Split(), "test": _Split()}
+    if raw.startswith(BOM):
+        raise UserError(f"{where}: {p}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 "
+                        "without one")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{where}: {p} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the "
+                        "file as UTF-8") from None
+    rows = []
     for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: {p} line {no}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(ex, dict):
+            raise UserError(f"{where}: {p} line {no}: expected a JSON object, got {_json_type(ex)}")
+        rows.append((no, ex))
+    if not rows:
+        raise UserError(f"{where}: {p}: empty file (expected one JSON object a line)")
+    return rows
+
+
+def _json_type(v) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def load_task(spec: TaskSpec, where: str) -> dict[str, _Split]:
+    """Read one JSONL task file into {'train': _Split, 'test': _Split}; UserError on any defect."""
+    p = Path(spec.path)
+    splits = {"train": _Split(), "test": _Split()}
+    for no, ex in read_jsonl(p, where):
 
         def bad(msg: str):
             raise UserError(f"{where}: {p} line {no}: {msg}")
 
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(f"invalid JSON: {e.msg}")
-        if not isinstance(ex, dict):
-            bad("expected a JSON object")
         for key in ("prompt", "answer", "split"):
             if key not in ex:
                 bad(f"missing '{key}'")
         if not isinstance(ex["prompt"], str):
-            bad("'prompt' must be a string")
+            bad(f"'prompt' must be a string, not {_json_type(ex['prompt'])}")
+        if not ex["prompt"].strip():
+            bad("'prompt' is empty")
         split = ex["split"]
         if split not in splits:
             bad(f"'split' must be 'train' or 'test' (got {split!r})")
@@ -104,26 +138,34 @@ def load_task(spec: TaskSpec, where: str) -> dict[str, _Split]:
         if spec.kind == "generate":
             ans = ex["answer"]
             if isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
-                bad("'answer' must be a string or a number")
+                bad(f"'answer' must be a string or a number, not {_json_type(ans)}")
             s.prompts.append(ex["prompt"])
             s.answers.append(str(ans).strip())
             s.choices.append([])
         else:
-            ch = ex.get("choices")
+            if "choices" not in ex:
+                bad("missing 'choices' (a choice task)")
+            ch = ex["choices"]
             if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
                 bad("'choices' must be a list of at least 2 non-empty strings")
             ans = ex["answer"]
             if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(ch):
-                bad(f"'answer' must be the index of the right choice, 0..{len(ch) - 1}")
+                bad(f"'answer' must be the index of the right choice, 0..{len(ch) - 1} (got {ans!r})")
             s.prompts.append(ex["prompt"])
             s.answers.append(ans)
             s.choices.append(list(ch))
     if not splits["train"]:
-        raise UserError(f"{where}: {p}: no examples with \"split\": \"train\"")
+        raise UserError(f"{where}: {p}: no examples with \"split\": \"train\" (only test examples: nothing "
+                        "to search on)")
     if spec.limit is not None:
         t = splits["train"]
         splits["train"] = _Split(t.prompts[:spec.limit], t.answers[:spec.limit], t.choices[:spec.limit])
     return splits
+
+
+def load_tasks(tasks: list[TaskSpec]) -> list[dict[str, _Split]]:
+    """Every task of a config, each refused by its field (fitness.tasks[i].path) on any defect."""
+    return [load_task(t, f"fitness.tasks[{i}].path") for i, t in enumerate(tasks)]
 
 
 class LMTasksFitness(ModelFitness):
@@ -133,9 +175,14 @@ class LMTasksFitness(ModelFitness):
     def objectives(cls, cfg: LMTasksFitnessConfig) -> list[str]:
         return [f"{t.name}_accuracy" for t in cfg.tasks] if len(cfg.tasks) > 1 else []
 
+    @classmethod
+    def check(cls, cfg: LMTasksFitnessConfig) -> None:
+        """In the driver before Ray starts: every task file reads (the workers read them again, once each)."""
+        load_tasks(cfg.tasks)
+
     def __init__(self, cfg: LMTasksFitnessConfig):
         self.cfg = cfg
-        self.data = [load_task(t, f"fitness.tasks[{i}].path") for i, t in enumerate(cfg.tasks)]
+        self.data = load_tasks(cfg.tasks)  # once per worker
         self._tok = None  # the tokenizer the cached encodings belong to (held, so its id stays unique)
         self._enc: dict = {}
 
