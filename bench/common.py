@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def run_py(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     readme = (ROOT / "README.md").read_text().splitlines()
     first = next(line for line in readme if line.startswith("make demo"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("VIRTUAL_ENV", None)
     if args.no_pip_cache:
         env["PIP_NO_CACHE_DIR"] = "1"

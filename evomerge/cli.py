@@ -23,7 +23,8 @@ COMMANDS = (
 
 def prog(command: str | None = None) -> str:
     """The name the user typed: `python run.py` or the `evomerge` console script."""
-    base = "python run.py" if Path(sys.argv[0]).name == "run.py" else "evomerge"
+    name = Path(sys.argv[0]).name
+    base = {"run.py": "python run.py", "__main__.py": "python -m evomerge"}.get(name, "evomerge")
     return f"{base} {command}" if command else base
 
 
@@ -40,7 +41,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                     "summary.json, best/).",
         epilog=("" if command else f"commands:\n{commands}\n\n")
         + "exit codes: 0 finished: budget spent, strategy done, or stopped by the fitness (e.g. its API budget;\n"
-          "  resumable), 1 stopped by failing evaluations (resumable),\n"
+          "  resumable), 1 stopped by failing evaluations or with no worker left (resumable),\n"
           "  2 a mistake in the config or the arguments (one line naming it; no run directory is created),\n"
           "  130 interrupted (Ctrl-C / SIGTERM; resumable)\n\n"
           "examples:\n"
@@ -146,14 +147,8 @@ RESUMABLE_SETS = ("budget.", "engine.address=", "progress_every_s=", "fitness.ma
 
 def cmd_run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    from concurrent.futures import ThreadPoolExecutor
-
-    from populations import STRATEGIES, SpaceInfo, build_strategy
-
-    from .config import apply_sets, load_config, read_yaml, to_yaml, validate
-    from .engine import Engine, RayCluster
-    from .rundir import RunDir, check_new
-    from .spaces import build_space
+    from .config import apply_sets, load_config, read_yaml, validate
+    from .rundir import RunDir
 
     if args.resume:
         if args.config or args.out:
@@ -163,15 +158,73 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise UserError(f"--set {item}: a resumed run may change only budget.*, engine.address, "
                                 "progress_every_s and an API fitness's max_requests / max_tokens")
         out = Path(args.resume)
-        run = RunDir.open(out)
-        cfg = validate(apply_sets(read_yaml(out / "config.yaml"), args.set))
+        run = RunDir.open(out)  # locked and checked, before anything starts
     else:
         if not args.config:
             raise UserError("give --config YAML (a new run) or --resume RUN_DIR")
         cfg = load_config(args.config, args.set)
         out = Path(args.out) if args.out else default_out(args.config)
-        check_new(out)
-        run = None
+        run = RunDir.claim(out)  # created and locked, before anything starts; removed if we stop early
+    try:
+        if args.resume:
+            cfg = validate(apply_sets(read_yaml(out / "config.yaml"), args.set))
+        summary = _search(args, cfg, run, t_start)
+    finally:
+        run.close()
+
+    return _report_end(summary, cfg, out)
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def _report_end(summary: dict, cfg, out: Path) -> int:
+    """What the run did, in a few lines; the exit code (see --help)."""
+    resume = f"{prog()} --resume {out}"
+    best = summary.get("best", {})
+    print(f"run directory: {out}")
+    print(f"stopped by {summary['stop_reason']} after {summary['evaluations']} evaluations in "
+          f"{summary['search_seconds']:.1f} s of search ({rate_text(summary['evals_per_second'])} evals/s, "
+          f"start-up {summary['startup_seconds']:.1f} s)")
+    if summary["failed"]:
+        print(f"{summary['failed']} evaluations failed; last: {summary.get('last_failure')}")
+    if best:
+        print(f"best fitness {best['fitness']:.4f} (eval {best['eval_id']}); held-out: "
+              + json.dumps(_rounded(best["holdout"])))
+    reason = summary["stop_reason"]
+    if reason == "fitness_stop":
+        print(f"stopped by the fitness: {summary.get('last_failure')}; continue with: {resume}", file=sys.stderr)
+    if reason == "interrupted":
+        print(f"interrupted; continue with: {resume}", file=sys.stderr)
+        return 130
+    if reason == "no_workers":
+        print(f"error: stopped: no worker is left ({summary.get('last_failure')}); continue with: {resume}",
+              file=sys.stderr)
+        return 1
+    if reason == "too_many_failures":
+        print(f"error: stopped: {summary['failed']} of {summary['evaluations']} evaluations failed (more than "
+              f"engine.max_failure_fraction={cfg.engine.max_failure_fraction}); last: {summary.get('last_failure')}; "
+              f"fix the fitness, then: {resume}", file=sys.stderr)
+        return 1
+    if summary["evaluations"] and summary["failed"] == summary["evaluations"]:
+        print(f"error: every evaluation failed ({summary['failed']}); last: {summary.get('last_failure')}; "
+              f"fix the fitness, then: {resume}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _search(args, cfg, run, t_start: float) -> dict:
+    """Preflight checks, then Ray, the workers and the search loop; returns the summary."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from populations import STRATEGIES, SpaceInfo, build_strategy
+
+    from .cluster import RayCluster
+    from .config import to_yaml
+    from .engine import Engine
+    from .spaces import build_space
+
     space = build_space(cfg.space, cfg.seed)
     STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
     _preflight(cfg, space)
@@ -183,7 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seeds = pool.submit(space.seeds)
         with RayCluster(cfg.engine):
             prepared.result()
-            engine.launch_workers(Engine.saved_shared_state(run) if run is not None else None)
+            engine.launch_workers(run.checkpoint["engine"].get("fitness_shared") if args.resume else None)
             layout = getattr(space, "layout", None)
             info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
                              upper=space.upper, random_seeds=space.random_seeds,
@@ -191,44 +244,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                              gram=getattr(space, "gram", None))
             engine.strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=engine.window,
                                              max_evals=cfg.budget.max_evals)
-            if run is not None:
+            if args.resume:
                 replayed = engine.restore(run)
-                print(f"resuming {out}: {engine.counts['told']} evaluations done "
+                print(f"resuming {run.path}: {engine.counts['told']} evaluations done "
                       f"({replayed} journal entries replayed)", file=sys.stderr)
                 if args.set:
                     run.write_config(to_yaml(cfg))
             engine.wait_workers()
-            if run is None:
-                run = RunDir.create(out, to_yaml(cfg))
-            try:
-                with _stop_on_signals(engine):
-                    summary = engine.run(run)
-                summary["total_seconds"] = round(time.perf_counter() - t_start, 3)
-                run.write_summary(summary)
-            finally:
-                run.close()
-    best = summary.get("best", {})
-    print(f"run directory: {out}")
-    print(f"stopped by {summary['stop_reason']} after {summary['evaluations']} evaluations in "
-          f"{summary['search_seconds']:.1f} s of search ({rate_text(summary['evals_per_second'])} evals/s, "
-          f"start-up {summary['startup_seconds']:.1f} s)")
-    if summary["failed"]:
-        print(f"{summary['failed']} evaluations failed; last: {summary.get('last_failure')}")
-    if best:
-        print(f"best fitness {best['fitness']:.4f} (eval {best['eval_id']}); held-out: "
-              + json.dumps(best["holdout"]))
-    if summary["stop_reason"] == "fitness_stop":
-        print(f"stopped by the fitness: {summary.get('last_failure')}; continue with: python run.py --resume {out}",
-              file=sys.stderr)
-    if summary["stop_reason"] == "interrupted":
-        print(f"interrupted; continue with: python run.py --resume {out}", file=sys.stderr)
-        return 130
-    if summary["stop_reason"] == "too_many_failures":
-        print(f"error: stopped: {summary['failed']} of {summary['evaluations']} evaluations failed (more than "
-              f"engine.max_failure_fraction={cfg.engine.max_failure_fraction}); last: {summary.get('last_failure')}; "
-              f"fix the fitness, then: python run.py --resume {out}", file=sys.stderr)
-        return 1
-    return 0
+            if not run.started:
+                run.start(to_yaml(cfg))
+            with _stop_on_signals(engine):
+                summary = engine.run(run)
+            summary["total_seconds"] = round(time.perf_counter() - t_start, 3)
+            run.write_summary(summary)
+    return summary
 
 
 def _preflight(cfg, space) -> None:
