@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 CHECKPOINT = "checkpoint.pkl"
 _LEN = struct.Struct("<Q")
 
@@ -91,9 +93,24 @@ def write_checkpoint(run: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(run: Path) -> dict:
-    with open(Path(run) / CHECKPOINT, "rb") as f:
-        return pickle.load(f)
+CHECKPOINT_KEYS = ("version", "journal_no", "strategy", "engine")
+
+
+def read_checkpoint(run: Path, flag: str = "--resume") -> dict:
+    """The checkpoint of run directory `run`; a UserError naming the file when it is missing, empty,
+    truncated or not a checkpoint of this version."""
+    path = Path(run) / CHECKPOINT
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except OSError as e:
+        raise UserError(f"{flag}: {path}: cannot read: {e.strerror}") from None
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything
+        why = "empty" if path.stat().st_size == 0 else f"{type(e).__name__}"
+        raise UserError(f"{flag}: {path} is damaged ({why}); the run cannot be resumed from it") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or state["version"] != 1:
+        raise UserError(f"{flag}: {path} is not a checkpoint of this version of evomerge")
+    return state
 
 
 def repair_jsonl(path: Path) -> set[int]:

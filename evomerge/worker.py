@@ -8,18 +8,27 @@ import time
 
 import numpy as np
 
+from .errors import UserError
+
 
 class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
     def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = ()):
+        self.index = index
+        self.start_error: Exception | None = None
+        try:
+            self._start(space_cfg, fitness_cfg, seed, threads, extras)
+        except UserError as e:  # raised again by ready(): Ray keeps a task's exception (a RayTaskError
+            self.start_error = e  # with .cause), but of a failed actor constructor only a message string
+
+    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple) -> None:
         from fitness import ModelFitness, RecipeFitness, build_fitness
 
         from .spaces import build_space
 
         # torch is imported only by what needs it (seconds saved when a worker starts or is replaced)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        self.index = index
         self.extras = tuple(extras)  # see Strategy.worker_extras
         self.space = build_space(space_cfg, seed)
         self.fitness = build_fitness(fitness_cfg)
@@ -33,6 +42,8 @@ class FitnessWorker:
             self.device = str(self.runtime.device)
 
     def ready(self) -> dict:
+        if self.start_error is not None:
+            raise self.start_error
         return {"index": self.index, "pid": os.getpid(), "device": self.device}
 
     def evaluate(self, batch: np.ndarray) -> dict:

@@ -1,0 +1,215 @@
+"""One writer per run directory (an OS lock), a damaged run directory refused before start-up, and the
+private local Ray: listening on loopback only, and no processes or temp dirs left by a killed driver."""
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from evomerge.cluster import MARK, PREFIX
+from evomerge.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(tmp: Path, max_evals: int = 400, delay_ms: float = 1) -> Path:
+    cfg = {"seed": 1, "space": {"name": "synthetic", "dim": 6}, "strategy": {"name": "m2n2", "archive_size": 8},
+           "fitness": {"name": "synthetic", "delay_ms": delay_ms},
+           "engine": {"workers": 2, "batch_size": 4, "cpus_per_worker": 0.5, "checkpoint_every_s": 0.5},
+           "budget": {"max_evals": max_evals}, "progress_every_s": 0.5}
+    path = tmp / f"cfg-{max_evals}-{delay_ms}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.py", *args, "--no-progress"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def ids(run: Path) -> list[int]:
+    return [json.loads(line)["id"] for line in (run / "evals.jsonl").read_text().splitlines()]
+
+
+def wait_for(pred, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 400-evaluation run, copied by the tests that change it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    r = subprocess.run([sys.executable, "run.py", "--config", str(config(tmp)), "--out", str(tmp / "run"),
+                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return tmp / "run"
+
+
+def snapshot(run: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def test_two_resumes_started_together_one_is_refused(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    a = start("--resume", str(run), "--set", "budget.max_evals=3000")
+    b = start("--resume", str(run), "--set", "budget.max_evals=3000")
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    codes = sorted([a.returncode, b.returncode])
+    assert codes == [0, 2], outs
+    refused = outs[[a.returncode, b.returncode].index(2)][1]
+    lines = refused.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --resume {run}: in use by another evomerge process (pid ")
+    logged = ids(run)
+    assert len(logged) == len(set(logged)) == 3000
+    assert json.loads((run / "summary.json").read_text())["evaluations"] == 3000
+
+
+def test_a_second_run_with_the_same_out_is_refused_before_start_up(tmp_path):
+    out = tmp_path / "run"
+    first = start("--config", str(config(tmp_path, 100_000, 1)), "--out", str(out))
+    try:
+        wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().strip(), first)
+        t0 = time.time()
+        second = subprocess.run([sys.executable, "run.py", "--config", str(config(tmp_path, 50)), "--out",
+                                 str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip().count("\n") == 0
+        assert f"pid {first.pid}" in second.stderr or "already exists and is not empty" in second.stderr
+        assert time.time() - t0 < 60  # refused by the lock or the directory, not after Ray's start-up
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+
+
+def _ray_processes(driver: int) -> list[psutil.Process]:
+    try:
+        procs = [psutil.Process(driver)] + psutil.Process(driver).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return procs
+
+
+def _listening(procs) -> list[tuple[str, str]]:
+    found = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+            name = p.name()
+        except psutil.Error:
+            continue
+        found += [(name, c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # [::ffff:127.0.0.1]: a dual-stack socket bound to 127.0.0.1
+    return addr.is_loopback
+
+
+def test_local_ray_listens_on_loopback_only_and_a_killed_driver_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = start("--config", str(config(tmp_path, 100_000, 1)), "--out", str(out))
+    wait_for(lambda: (out / "evals.jsonl").exists() and (out / "evals.jsonl").stat().st_size > 0, proc)
+    procs = _ray_processes(proc.pid)
+    names = " ".join(p.name() for p in procs)
+    assert "raylet" in names and "gcs_server" in names
+    listening = _listening(procs)
+    assert len(listening) >= 4, listening  # gcs_server, raylet, the driver, the workers...
+    assert [(n, ip) for n, ip in listening if not is_loopback(ip)] == []
+    mark = next(p.environ()[MARK] for p in procs[1:] if MARK in p.environ())
+    assert Path(mark).name.startswith(PREFIX)
+
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: Ray's own processes may outlive it
+    proc.communicate()
+    second = start("--resume", str(out), "--set", "budget.max_evals=200")
+    second.communicate(timeout=300)
+    assert second.returncode == 0
+    assert not Path(mark).exists()
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARK) == mark:
+                left.append(p)
+        except psutil.Error:
+            continue
+    assert left == []
+
+
+# a damaged run directory: refused before start-up, one line naming the file, nothing changed ---------
+
+def _garbage(run):
+    (run / "checkpoint.pkl").write_bytes(b"\x00garbage" * 10)
+
+
+def _truncated(run):
+    data = (run / "checkpoint.pkl").read_bytes()
+    (run / "checkpoint.pkl").write_bytes(data[:len(data) // 2])
+
+
+def _empty(run):
+    (run / "checkpoint.pkl").write_bytes(b"")
+
+
+def _not_a_checkpoint(run):
+    import pickle
+
+    (run / "checkpoint.pkl").write_bytes(pickle.dumps([1, 2, 3]))
+
+
+def _bad_line(run):
+    lines = (run / "evals.jsonl").read_text().splitlines(keepends=True)
+    lines.insert(len(lines) // 2, "this is not json\n")
+    (run / "evals.jsonl").write_text("".join(lines))
+
+
+def _no_evals(run):
+    (run / "evals.jsonl").unlink()
+
+
+def _cut_short(run):
+    lines = (run / "evals.jsonl").read_text().splitlines(keepends=True)
+    (run / "evals.jsonl").write_text("".join(lines[:100]))
+
+
+def _no_checkpoint(run):
+    (run / "checkpoint.pkl").unlink()
+
+
+DAMAGE = {"garbage checkpoint": (_garbage, "checkpoint.pkl"), "truncated checkpoint": (_truncated, "checkpoint.pkl"),
+          "empty checkpoint": (_empty, "checkpoint.pkl"), "not a checkpoint": (_not_a_checkpoint, "checkpoint.pkl"),
+          "garbage line in evals.jsonl": (_bad_line, "evals.jsonl"), "no evals.jsonl": (_no_evals, "evals.jsonl"),
+          "evals.jsonl cut short": (_cut_short, "evals.jsonl"), "no checkpoint": (_no_checkpoint, "checkpoint.pkl")}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_run_directory_is_refused_and_left_as_it_was(case, finished, tmp_path, capsys):
+    import ray
+
+    damage, name = DAMAGE[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    damage(run)
+    before = snapshot(run)
+    assert main(["--resume", str(run), "--set", "budget.max_evals=800"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {run}") and name in err[0], err
+    assert not ray.is_initialized()
+    assert snapshot(run) == before
