@@ -1,16 +1,22 @@
-"""`run.py serve`: an OpenAI-compatible HTTP server over a base model and a repository of experts.
+"""`evomerge serve`: an OpenAI-compatible HTTP server over a base model and a repository of experts.
 
 Clients choose merge coefficients per request without seeing weights: a request may carry, in its
 body's extra fields, ``"merge": {"weights": {"expert": w, ...}, "density": {...}}`` (the config
 space's method, one value per expert for the whole model) or ``"merge": {"recipe": {...}}`` (a full
 recipe as evals.jsonl logs it). The server merges it into its one resident model, in place, and
-answers from it; consecutive requests with the same coefficients reuse the merge. Without `merge`,
+answers from it; consecutive requests with the same coefficients reuse the merge. Every coefficient
+must be a finite number of magnitude at most MAX_COEFFICIENT (100; a density lies in (0, 1]): NaN,
+Infinity (bare JSON tokens, which the parser accepts) or 1e308 is a 400 naming the field, never a
+merge. Without `merge`,
 `model` picks what answers: "base", an expert's label (task arithmetic with that expert at weight 1),
 or "merged" (the served run's best recipe, `--run`).
 
 Endpoints: GET /v1/models, POST /v1/completions (prompt, max_tokens, temperature, top_p, stop, seed,
 logprobs, echo) and POST /v1/chat/completions (messages, max_tokens / max_completion_tokens,
-temperature, top_p, stop, seed, logprobs, top_logprobs). Errors use OpenAI's body,
+temperature, top_p, stop, seed, logprobs, top_logprobs). A prompt (a chat's after its chat template)
+longer than the model's context (its config's max_position_embeddings, or --max-context) minus
+max_tokens is refused with a 400 (code context_length_exceeded) before it reaches the model (without
+max_tokens, a completion takes 16 tokens or what the context leaves). Errors use OpenAI's body,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed request, 401 for a missing or
 wrong API key (`--api-key-env NAME`), 404 for an unknown model; anything unexpected is a 500 answer,
 never a crash of the server.
@@ -20,26 +26,59 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import secrets
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import UserError
 
+# the largest magnitude of a merge coefficient in a request: a task-arithmetic weight of 100 already
+# swamps the base model; beyond, a merge only overflows (1e308 * a tensor is Inf, then NaN)
+MAX_COEFFICIENT = 100.0
+Coefficient = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)]
+SEED = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+
 
 class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weights: dict[str, float] | None = None
-    density: dict[str, float] | None = None
-    gamma: dict[str, float] | None = None
-    t: float | None = None
+    weights: dict[str, Coefficient] | None = None
+    density: dict[str, Coefficient] | None = None
+    gamma: dict[str, Coefficient] | None = None
+    t: Coefficient | None = None
     recipe: dict[str, Any] | None = None
+
+
+def check_recipe_numbers(value: Any, where: str) -> None:
+    """A recipe's numbers: finite, coefficients (in `groups`) within +-MAX_COEFFICIENT, densities in
+    (0, 1], the seed an integer torch can take; a RequestError (400) naming the first bad one."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_recipe_numbers(v, f"{where}.{k}")
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            check_recipe_numbers(v, f"{where}[{i}]")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if where == "merge.recipe.seed":
+        if not isinstance(value, int) or not -(2 ** 63) <= value < 2 ** 64:
+            raise RequestError(400, f"{where}: must be an integer in [-2**63, 2**64)", where)
+        return
+    if not math.isfinite(value):
+        raise RequestError(400, f"{where}: {value}: must be a finite number", where)
+    if where.startswith("merge.recipe.groups.") and abs(value) > MAX_COEFFICIENT:
+        raise RequestError(400, f"{where}: {value:g}: a coefficient's magnitude is at most {MAX_COEFFICIENT:g}",
+                           where)
+    if ".density[" in where and not 0.0 < value <= 1.0:
+        raise RequestError(400, f"{where}: {value:g}: a density lies in (0, 1]", where)
 
 
 class _Sampling(BaseModel):
@@ -50,7 +89,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = SEED
     merge: MergeSpec | None = None
 
 
@@ -81,13 +120,17 @@ class RequestError(Exception):
 class ModelHost:
     """The resident model of an hf_merge space and the merge it currently holds."""
 
-    def __init__(self, space, default_recipe: dict | None = None, device: str | None = None, merge_cache: int = 0):
+    def __init__(self, space, default_recipe: dict | None = None, device: str | None = None, merge_cache: int = 0,
+                 max_context: int | None = None):
         from collections import OrderedDict
 
         self.space = space
         self.rt = space.open_runtime(device)
         self.default = default_recipe
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the resident model: one request at a time
+        # the tokenizer, apart from the model: a prompt is measured (and refused) while another generates
+        self.tok_lock = threading.Lock()
+        self.context = max_context or context_length(self.rt.model)
         self.current: str | None = None
         # copies of the last `merge_cache` merges' tensors: switching back to one is a copy, not a merge
         self.merge_cache, self.snapshots = merge_cache, OrderedDict()
@@ -106,6 +149,7 @@ class ModelHost:
                                        "merge.recipe")
                 if set(r["groups"]) != set(self.space.groups):
                     raise RequestError(400, f"merge.recipe.groups: expected {self.space.groups}", "merge.recipe")
+                check_recipe_numbers(r, "merge.recipe")
                 return r
             per: dict[str, list[float]] = {}
             for name in ("weights", "density", "gamma"):
@@ -171,6 +215,17 @@ class ModelHost:
         return self.rt.model
 
     # generation --------------------------------------------------------------------------------
+    def budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        """The tokens to generate after a prompt of `n_prompt` tokens: max_tokens (default 16, at most what
+        the context leaves); a RequestError (400) when the prompt and max_tokens do not fit the context."""
+        if self.context is None:
+            return 16 if max_tokens is None else max_tokens
+        if n_prompt + (max_tokens or 0) > self.context:
+            asked = f"{n_prompt} prompt tokens" + (f" + max_tokens {max_tokens}" if max_tokens else "")
+            raise RequestError(400, f"{param}: {asked} exceed the model's context of {self.context} tokens",
+                               param, "context_length_exceeded")
+        return min(16, self.context - n_prompt) if max_tokens is None else max_tokens
+
     def complete(self, recipe: dict, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
                  stop: list[str], seed: int | None, top_k_logprobs: int | None, echo: bool) -> dict:
         """Continue one prompt. Returns text, tokens with logprobs, finish_reason and token counts."""
@@ -188,7 +243,7 @@ class ModelHost:
             finish = "length"
             with torch.inference_mode():
                 if echo:
-                    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+                    logits = _finite(model(input_ids=ids, use_cache=False).logits[0].float())
                     lp = torch.log_softmax(logits, -1)
                     for i, t in enumerate(prompt_ids):
                         entries.append(self._entry(t, None if i == 0 else lp[i - 1], top_k_logprobs))
@@ -197,7 +252,7 @@ class ModelHost:
                 for _ in range(max_tokens):
                     out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
                     past = out.past_key_values
-                    logits = out.logits[0, -1].float()
+                    logits = _finite(out.logits[0, -1].float())
                     lp = torch.log_softmax(logits, -1)
                     if temperature == 0:
                         nxt = int(torch.argmax(logits))
@@ -213,11 +268,14 @@ class ModelHost:
                         break
                     out_ids.append(nxt)
                     entries.append(self._entry(nxt, lp, top_k_logprobs))
-                    text = tok.decode(out_ids, skip_special_tokens=True)
+                    if stop:
+                        with self.tok_lock:
+                            text = tok.decode(out_ids, skip_special_tokens=True)
                     if stop and any(s in text for s in stop):
                         finish = "stop"
                         break
                     step_ids = torch.tensor([[nxt]], dtype=torch.long, device=dev)
+        with self.tok_lock:
             text = tok.decode(out_ids, skip_special_tokens=True)
         for s in stop:
             if s in text:
@@ -227,14 +285,15 @@ class ModelHost:
 
     def _entry(self, token: int, lp, top_k: int | None) -> dict:
         tok = self.rt.tokenizer
-        e = {"token": tok.decode([token]), "logprob": None if lp is None else float(lp[token]), "top": {}}
-        if lp is not None and top_k:
-            vals, idx = lp.topk(top_k)
-            e["top"] = {tok.decode([int(i)]): float(v) for v, i in zip(vals, idx)}
+        with self.tok_lock:
+            e = {"token": tok.decode([token]), "logprob": None if lp is None else float(lp[token]), "top": {}}
+            if lp is not None and top_k:
+                vals, idx = lp.topk(top_k)
+                e["top"] = {tok.decode([int(i)]): float(v) for v, i in zip(vals, idx)}
         return e
 
     def prompt_ids(self, text: str) -> list[int]:
-        with self.lock:  # a fast tokenizer is not safe to share between request threads
+        with self.tok_lock:  # a fast tokenizer is not safe to share between request threads
             ids = self.rt.tokenizer(text)["input_ids"]
         if not ids:
             raise RequestError(400, "prompt: empty after tokenization", "prompt")
@@ -244,10 +303,34 @@ class ModelHost:
         tok = self.rt.tokenizer
         msgs = [m.model_dump() for m in messages]
         if getattr(tok, "chat_template", None):
-            with self.lock:
-                return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+            with self.tok_lock:
+                ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers: a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
         # no chat template (e.g. the tiny LM): the messages' contents, one per line, are the prompt
         return self.prompt_ids("\n".join(m["content"] for m in msgs))
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model takes, from its config (None: no limit is known)."""
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _finite(logits):
+    import torch
+
+    if not bool(torch.isfinite(logits).all()):
+        raise RequestError(400, "merge: the merged model's outputs are not finite (NaN or Inf); use smaller "
+                                "coefficients", "merge")
+    return logits
 
 
 class Chaos:
@@ -351,10 +434,14 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
         if not prompts:
             raise RequestError(400, "prompt: empty list", "prompt")
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        # every prompt is measured against the context before any of them reaches the model
+        todo = []
         for i, p in enumerate(prompts):
             ids = host.prompt_ids(p)
-            r = host.complete(recipe, ids, 16 if req.max_tokens is None else req.max_tokens, req.temperature,
-                              req.top_p, stops(req.stop), req.seed, req.logprobs, req.echo)
+            todo.append((ids, host.budget(len(ids), req.max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")))
+        for i, (p, (ids, n)) in enumerate(zip(prompts, todo)):
+            r = host.complete(recipe, ids, n, req.temperature, req.top_p, stops(req.stop), req.seed, req.logprobs,
+                              req.echo)
             text = (p if req.echo else "") + r["text"]
             lp = None
             if req.logprobs is not None:
@@ -376,7 +463,8 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
         recipe = host.recipe(req.model, req.merge)
         ids = host.chat_prompt(req.messages)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        r = host.complete(recipe, ids, 16 if limit is None else limit, req.temperature, req.top_p,
+        n = host.budget(len(ids), limit, "messages")
+        r = host.complete(recipe, ids, n, req.temperature, req.top_p,
                           stops(req.stop), req.seed, req.top_logprobs if req.logprobs else None, False)
         lp = None
         if req.logprobs:
@@ -394,7 +482,7 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
 
 
 def serve_main(argv: list[str]) -> int:
-    """`run.py serve --config X | --run RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]`."""
+    """`evomerge serve --config X | --run RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]`."""
     from .cli import prog
 
     ap = argparse.ArgumentParser(
@@ -402,41 +490,87 @@ def serve_main(argv: list[str]) -> int:
         description="Serve a base model and its experts over an OpenAI-compatible HTTP API (GET /v1/models, POST\n"
                     "/v1/completions, POST /v1/chat/completions, GET /health). `model` is 'base', an expert's label\n"
                     "or 'merged' (--run); a request may instead carry merge coefficients (extra body\n"
-                    "{\"merge\": {\"weights\": {LABEL: W, ...}}}), merged into the one resident model in place.",
+                    "{\"merge\": {\"weights\": {LABEL: W, ...}}}), merged into the one resident model in place.\n\n"
+                    "limits (a 400 answer naming the field, before the request reaches the model):\n"
+                    "  prompt tokens (a chat's after its chat template) + max_tokens <= the model's context: its\n"
+                    "    config's max_position_embeddings, or --max-context (no max_tokens: 16, or what is left)\n"
+                    f"  merge coefficients: finite numbers of magnitude <= {MAX_COEFFICIENT:g}; densities in (0, 1]",
         epilog=f"examples:\n  {prog('serve')} --config configs/tinylm_ties_cmaes.yaml --port 8000\n"
                f"  MY_KEY=secret {prog('serve')} --run runs/a --api-key-env MY_KEY --merge-cache 4")
     ap.add_argument("--config", metavar="YAML", help="a config with an hf_merge space (its models are served)")
     ap.add_argument("--run", metavar="RUN_DIR", help="serve a run's models, with its best merge as model 'merged'")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    ap.add_argument("--port", type=int, default=8000, help="port, 1-65535, or 0 for a free one (default 8000)")
     ap.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every request")
     ap.add_argument("--device", default=None, help="resident model device (default: the space's)")
     ap.add_argument("--merge-cache", type=int, default=0, metavar="N",
                     help="keep copies of the last N merges (N model copies of memory; switching back is a copy)")
+    ap.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                    help="the longest prompt + max_tokens served (default: the model's max_position_embeddings)")
     ap.add_argument("--chaos", type=float, default=0.0, metavar="RATE",
                     help="testing clients: fail this fraction of requests (429, 500, timeout, malformed body)")
     ap.add_argument("--chaos-seed", type=int, default=0, help="seed of the injected faults")
     ap.add_argument("--chaos-timeout-s", type=float, default=5.0, help="delay of an injected timeout")
     args = ap.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must lie in 1..65535 (or 0: a free port)")
     if not 0.0 <= args.chaos <= 1.0:
         raise UserError(f"--chaos {args.chaos}: must lie in [0, 1]")
     if args.merge_cache < 0:
         raise UserError(f"--merge-cache {args.merge_cache}: must be >= 0")
-    host = build_host(args.config, args.run, args.device, args.merge_cache)
+    if args.max_context is not None and args.max_context < 1:
+        raise UserError(f"--max-context {args.max_context}: must be >= 1")
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
-    import uvicorn
+    sock = bind_socket(args.host, args.port)  # a port in use is refused before the model loads
+    try:
+        host = build_host(args.config, args.run, args.device, args.merge_cache, args.max_context)
+        import uvicorn
 
-    print(f"serving {', '.join(host.model_ids())} on http://{args.host}:{args.port}/v1", flush=True)
-    chaos = Chaos(args.chaos, args.chaos_seed, args.chaos_timeout_s) if args.chaos > 0 else None
-    uvicorn.run(create_app(host, api_key, chaos), host=args.host, port=args.port, log_level="warning")
+        sock.listen(2048)
+        port = sock.getsockname()[1]
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {', '.join(host.model_ids())} on http://{where}:{port}/v1", flush=True)
+        chaos = Chaos(args.chaos, args.chaos_seed, args.chaos_timeout_s) if args.chaos > 0 else None
+        config = uvicorn.Config(create_app(host, api_key, chaos), log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
-def build_host(config: str | None, run: str | None, device: str | None, merge_cache: int = 0) -> ModelHost:
+def bind_socket(host: str, port: int):
+    """A TCP socket bound to host:port (not listening yet), or a UserError naming --host or --port."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not a host name or address ({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: already in use on {host} (another server?); choose another "
+                            "port") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"--port {port}: permission denied (ports below 1024 need privileges)") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host}: not an address of this machine") from None
+        raise UserError(f"--port {port}: cannot listen on {host}: {e.strerror or e}") from None
+    return sock
+
+
+def build_host(config: str | None, run: str | None, device: str | None, merge_cache: int = 0,
+               max_context: int | None = None) -> ModelHost:
     from .config import load_config
     from .export import find_recipe
     from .spaces import build_space
@@ -456,12 +590,13 @@ def build_host(config: str | None, run: str | None, device: str | None, merge_ca
     space.prepare()
     if run:
         _, default = find_recipe(Path(run), None)
-    return ModelHost(space, default, device, merge_cache)
+    return ModelHost(space, default, device, merge_cache, max_context)
 
 
 class LocalServer:
-    """`run.py serve ARGS` in a subprocess on a free loopback port, up once /health answers (for tests,
-    benchmarks and local searches); a context manager that ends the process it started."""
+    """`evomerge serve ARGS` (as `python -m evomerge`, no checkout needed) in a subprocess on a free loopback
+    port, up once /health answers (for tests, benchmarks and local searches); a context manager that ends the
+    process it started. `cwd` (default: the caller's) is where relative paths in ARGS are read from."""
 
     def __init__(self, *args: str, env: dict | None = None, python: str | None = None, cwd: str | None = None,
                  start_timeout_s: float = 120.0):
@@ -473,9 +608,9 @@ class LocalServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        root = cwd or str(Path(__file__).resolve().parent.parent)
-        self.proc = subprocess.Popen([python or sys.executable, "run.py", "serve", *args, "--port", str(self.port)],
-                                     cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([python or sys.executable, "-m", "evomerge", "serve", *args,
+                                      "--port", str(self.port)],
+                                     cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.monotonic() + start_timeout_s

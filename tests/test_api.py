@@ -47,8 +47,9 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(family):
+    # --max-context: the judge's prompt (~115 tokens) is longer than the tiny models' 64 positions
     with start_server(family / "serve.yaml", "--api-key-env", "EVOMERGE_TEST_KEY", "--merge-cache", "2",
-                      env={"EVOMERGE_TEST_KEY": KEY}) as srv:
+                      "--max-context", "256", env={"EVOMERGE_TEST_KEY": KEY}) as srv:
         yield srv.port
 
 
