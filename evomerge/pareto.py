@@ -3,6 +3,7 @@ metrics, higher is better), kept incrementally during a run, and selection by pr
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import UserError
@@ -23,6 +24,8 @@ class ParetoFront:
         if any(k not in metrics for k in self.objectives):
             return False
         point = tuple(float(metrics[k]) for k in self.objectives)
+        if not all(map(math.isfinite, point)):
+            return False  # not comparable (e.g. a task's metric is NaN): never on the front
         for m in self.members:
             q = tuple(m["objectives"][k] for k in self.objectives)
             if dominates(q, point) or q == point:
@@ -61,7 +64,8 @@ def front_of_run(run: Path, objectives: list[str]) -> ParetoFront:
         for line in f:
             rec = json.loads(line)
             if not rec.get("failed") and rec.get("cached_from") is None:
-                front.add(rec["id"], rec["fitness"], rec.get("metrics", {}))
+                metrics = {k: math.nan if v is None else v for k, v in (rec.get("metrics") or {}).items()}
+                front.add(rec["id"], rec["fitness"], metrics)  # null: a non-finite number (rundir.dumps)
     return front
 
 

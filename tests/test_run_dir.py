@@ -213,3 +213,54 @@ def test_a_damaged_run_directory_is_refused_and_left_as_it_was(case, finished, t
     assert len(err) == 1 and err[0].startswith(f"error: --resume {run}") and name in err[0], err
     assert not ray.is_initialized()
     assert snapshot(run) == before
+
+
+# honest exits and valid logs ----------------------------------------------------------------------
+
+def strict_json(line: str):
+    def refuse(token):
+        raise AssertionError(f"bare {token} in a JSON line")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null_with_the_reason(tmp_path):
+    from evomerge.rundir import dumps
+
+    line = dumps({"id": 3, "fitness": 0.5, "metrics": {"a": float("nan"), "b": 1.0, "c": float("-inf")}})
+    rec = strict_json(line)
+    assert rec["metrics"] == {"a": None, "b": 1.0, "c": None}
+    assert rec["nonfinite"] == {"metrics.a": "nan", "metrics.c": "-inf"}
+    assert strict_json(dumps({"id": 1, "fitness": 1.0})) == {"id": 1, "fitness": 1.0}
+
+
+def test_a_run_with_nan_scores_logs_valid_json_and_reports_it(tmp_path):
+    from evomerge.pareto import front_of_run
+    from evomerge.report import read_run
+
+    cfg = yaml.safe_load(config(tmp_path, 120).read_text())
+    cfg["fitness"].update(nan_rate=0.3, n_tasks=2)
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "run.py", "--config", str(path), "--out", str(out), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = [strict_json(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert len(records) == 120 and any(rec.get("failed") for rec in records)
+    strict_json((out / "summary.json").read_text())
+    assert read_run(out).n == 120
+    assert front_of_run(out, ["task0_accuracy", "task1_accuracy"]).members
+
+
+def test_a_run_in_which_every_evaluation_failed_exits_non_zero(tmp_path):
+    cfg = yaml.safe_load(config(tmp_path, 6).read_text())
+    cfg["fitness"]["fail_rate"] = 1.0
+    cfg["engine"]["max_retries"] = 0
+    path = tmp_path / "fail.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "run.py", "--config", str(path), "--out", str(tmp_path / "run"),
+                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "failed" in err[0] and "--resume" in err[0] and "Traceback" not in r.stderr
