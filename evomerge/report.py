@@ -1,4 +1,4 @@
-"""`python run.py report RUN_DIR [RUN_DIR ...]`: PNG plots and a Markdown summary of finished (or
+"""`report RUN_DIR [RUN_DIR ...]`: PNG plots and a Markdown summary of finished (or
 running) searches, read from their run directories; with several runs, also an overlay of their
 best-so-far curves and a comparison table.
 
@@ -66,9 +66,9 @@ with several runs, also writes --out DIR (default FIRST_RUN_DIR/report-compare/)
   best.png      the runs' best fitness so far, vs evaluations and vs search time
 
 examples:
-  python run.py report runs/quickstart-20250101-120000
-  python run.py report runs/m2n2 runs/cmaes --label M2N2 --label CMA-ES --out runs/compare""")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (as written by run.py)")
+  {prog} runs/quickstart-20250101-120000
+  {prog} runs/m2n2 runs/cmaes --label M2N2 --label CMA-ES --out runs/compare""".replace("{prog}", prog("report")))
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (as written by a search)")
     p.add_argument("--out", metavar="DIR", help="where the comparison of several runs goes "
                    "(default FIRST_RUN_DIR/report-compare; replaced as a whole)")
     p.add_argument("--label", action="append", default=[], metavar="NAME",
