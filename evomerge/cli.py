@@ -33,7 +33,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog(command),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog(command)} --config YAML [--set KEY=VALUE ...] [--out DIR] [--no-progress] [--dry-run]\n"
+        usage=f"{prog(command)} --config YAML [--set KEY=VALUE ...] [--out DIR] [--no-progress] [--dry-run [--verbose]]\n"
               f"       {prog(command)} --resume RUN_DIR [--set budget.KEY=VALUE ...]"
               + ("" if command else f"\n       {prog()} {{export,report,serve,zoo}} ... (see {prog()} COMMAND --help)"),
         description="Search for model merges: a strategy proposes merge coefficients, Ray workers merge and score "
@@ -65,8 +65,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="no progress bar or progress lines (a line every progress_every_s seconds is printed when "
                         "stderr is not a terminal)")
     p.add_argument("--dry-run", action="store_true",
-                   help="with --config: print the search dimension, the parameter layout and the recipe at the "
-                        "centre of the space, then exit; starts no workers and writes nothing")
+                   help="with --config: print a summary of the search: its dimension, the parameter layout and the "
+                        "recipe at the centre of the space (--verbose: all of it), then exit; starts no "
+                        "workers and writes nothing")
+    p.add_argument("--verbose", action="store_true", help="with --dry-run: every coordinate of the layout and "
+                   "the whole recipe (default: a compact summary)")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
@@ -109,6 +112,19 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+SHOWN = 4  # --dry-run: items of a long list shown without --verbose
+
+
+def _short(value, full: bool) -> str:
+    """JSON of a value; without `full`, long lists and mappings show their first items and a count."""
+    if full or not isinstance(value, (list, dict)) or len(value) <= 2 * SHOWN:
+        return json.dumps(value)
+    if isinstance(value, dict):
+        head = ", ".join(f"{json.dumps(k)}: {_short(v, False)}" for k, v in list(value.items())[:SHOWN])
+        return f"{{{head}, ... ({len(value)} entries)}}"
+    return f"[{', '.join(_short(v, False) for v in value[:SHOWN])}, ... ({len(value)} items)]"
+
+
 def cmd_dry_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .spaces import build_space
@@ -118,16 +134,30 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     space = build_space(cfg.space, cfg.seed)
     info = space.describe()
+    full = args.verbose
     print(f"dimension: {space.dim}")
     for key, value in info.items():
         if key not in ("dim", "layout"):
-            print(f"{key}: {json.dumps(value)}")
-    for row in info.get("layout", []):
-        print(f"  {row}")
+            print(f"{key}: {_short(value, full)}")
+    layout = info.get("layout", [])
+    if layout:
+        rows = layout if full or len(layout) <= 2 * SHOWN else [*layout[:SHOWN], "...", *layout[-SHOWN:]]
+        print(f"layout ({len(layout)} rows):")
+        for row in rows:
+            print(f"  {row}")
     if space.lower is not None:
         centre = (space.lower + space.upper) / 2
+        recipe = space.recipe(centre)
         print("recipe at the centre:")
-        print(json.dumps(space.recipe(centre), indent=2))
+        if full:
+            print(json.dumps(recipe, indent=2))
+        else:
+            for key, value in (recipe or {}).items():
+                print(f"  {key}: {_short(value, False)}")
+    print(f"strategy: {cfg.strategy.name}, fitness: {cfg.fitness.name}, {cfg.engine.workers} workers, "
+          f"budget: {cfg.budget.max_evals or '-'} evaluations / {cfg.budget.max_seconds or '-'} s")
+    if not full:
+        print("(--verbose: every coordinate and the whole recipe)")
     return 0
 
 

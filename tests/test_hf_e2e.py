@@ -31,12 +31,16 @@ def setup(tmp_path_factory):
     return root
 
 
-def test_dry_run_prints_layout_and_centre_recipe(cli, setup):
+def test_dry_run_prints_a_compact_plan_and_all_of_it_with_verbose(cli, setup):
     r = cli("--config", str(setup / "cfg.yaml"), "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "dimension: 30" in r.stdout  # (embed, layers.0-1, layers.2-3, norm, head) x 2 params x 3 experts
+    assert "layout (30 rows):" in r.stdout and "strategy: cmaes, fitness: lm_tasks" in r.stdout
+    assert len(r.stdout.splitlines()) < 30
+    r = cli("--config", str(setup / "cfg.yaml"), "--dry-run", "--verbose")
+    assert r.returncode == 0, r.stderr
     assert "layers.2-3/density/c [0.1, 1]" in r.stdout
-    centre = json.loads(r.stdout.split("recipe at the centre:\n", 1)[1])
+    centre = json.loads(r.stdout.split("recipe at the centre:\n", 1)[1].split("\nstrategy: ")[0])
     assert centre["groups"]["embed"]["weight"] == [0.5, 0.5, 0.5]
 
 
