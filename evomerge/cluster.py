@@ -107,6 +107,44 @@ def _end_processes(psutil, mark: str) -> None:
             pass
 
 
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback address ([::ffff:127.0.0.1]: a dual-stack socket
+    bound to 127.0.0.1, as gRPC opens them)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def listeners(driver_pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of a run: its driver and every
+    process of its local Ray instance (the driver's descendants and whatever carries its MARK)."""
+    import psutil
+
+    try:
+        driver = psutil.Process(driver_pid)
+        procs = {p.pid: p for p in [driver, *driver.children(recursive=True)]}
+        marks = {p.environ().get(MARK) for p in procs.values() if p.pid != driver_pid} - {None}
+    except psutil.Error:
+        return []
+    for p in psutil.process_iter():
+        try:
+            if p.pid not in procs and marks and p.environ().get(MARK) in marks:
+                procs[p.pid] = p
+        except psutil.Error:
+            continue
+    found = []
+    for p in procs.values():
+        try:
+            name, conns = p.name(), p.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found += [(name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
 class RayCluster:
     """A private local Ray instance (loopback only, token auth as Ray ships it, no usage stats, own temp
     dir, cleaned up after a killed predecessor) or an existing cluster."""

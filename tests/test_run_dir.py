@@ -1,6 +1,5 @@
 """One writer per run directory (an OS lock), a damaged run directory refused before start-up, and the
 private local Ray: listening on loopback only, and no processes or temp dirs left by a killed driver."""
-import ipaddress
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from evomerge.cluster import MARK, PREFIX
+from evomerge.cluster import MARK, PREFIX, is_loopback, listeners
 from evomerge.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,44 +96,16 @@ def test_a_second_run_with_the_same_out_is_refused_before_start_up(tmp_path):
     assert first.returncode == 130
 
 
-def _ray_processes(driver: int) -> list[psutil.Process]:
-    try:
-        procs = [psutil.Process(driver)] + psutil.Process(driver).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return procs
-
-
-def _listening(procs) -> list[tuple[str, str]]:
-    found = []
-    for p in procs:
-        try:
-            conns = p.net_connections(kind="inet")
-            name = p.name()
-        except psutil.Error:
-            continue
-        found += [(name, c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN]
-    return found
-
-
-def is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # [::ffff:127.0.0.1]: a dual-stack socket bound to 127.0.0.1
-    return addr.is_loopback
-
-
 def test_local_ray_listens_on_loopback_only_and_a_killed_driver_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     proc = start("--config", str(config(tmp_path, 100_000, 1)), "--out", str(out))
     wait_for(lambda: (out / "evals.jsonl").exists() and (out / "evals.jsonl").stat().st_size > 0, proc)
-    procs = _ray_processes(proc.pid)
-    names = " ".join(p.name() for p in procs)
-    assert "raylet" in names and "gcs_server" in names
-    listening = _listening(procs)
-    assert len(listening) >= 4, listening  # gcs_server, raylet, the driver, the workers...
-    assert [(n, ip) for n, ip in listening if not is_loopback(ip)] == []
-    mark = next(p.environ()[MARK] for p in procs[1:] if MARK in p.environ())
+    listening = listeners(proc.pid)
+    names = {name for name, _, _ in listening}
+    assert {"raylet", "gcs_server"} <= names and len(listening) >= 4, listening  # + the driver, the workers
+    assert [(n, ip) for n, ip, _ in listening if not is_loopback(ip)] == []
+    children = psutil.Process(proc.pid).children(recursive=True)
+    mark = next(p.environ()[MARK] for p in children if MARK in p.environ())
     assert Path(mark).name.startswith(PREFIX)
 
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone: Ray's own processes may outlive it
