@@ -191,13 +191,15 @@ def read_yaml(path: str | Path) -> dict:
 _MISSING = object()
 
 
-def _field_path(loc: tuple, data: Any) -> str:
+def _field_path(loc: tuple, data: Any, missing: bool = False) -> str:
     """Join pydantic's error location, dropping the tags it inserts: a discriminated union's
-    (strategy.m2n2.alpha) and a plain union's member names (budget.max_evals.int)."""
+    (strategy.m2n2.alpha) and a plain union's member names (budget.max_evals.int,
+    space.params.weight.Range.high). `missing`: the error is a missing field (the last item)."""
     parts, node = [], data
-    for item in loc:
-        if isinstance(node, dict) and item not in node and node.get("name") == item:
-            continue  # a discriminated-union tag
+    for k, item in enumerate(loc):
+        last = k == len(loc) - 1
+        if isinstance(node, dict) and item not in node and (node.get("name") == item or not (missing and last)):
+            continue  # a union tag (a missing field is the last item of its error)
         if node is not _MISSING and not isinstance(node, (dict, list)):
             continue  # past a scalar: a union member's name, not a field
         parts.append(str(item))
@@ -210,10 +212,25 @@ def _field_path(loc: tuple, data: Any) -> str:
     return ".".join(parts)
 
 
+def _is_type_mismatch(e: dict) -> bool:
+    return e["type"].endswith(("_type", "_parsing")) or e["type"] in ("literal_error", "union_tag_invalid")
+
+
+def _pick(errors: list[dict]) -> dict:
+    """The error to report: pydantic reports a union's every member; of a value that failed as one
+    member type but was of the other's shape (a number range given as {low, high}), the other's."""
+    first = errors[0]
+    if _is_type_mismatch(first) and len(first["loc"]) > 1:
+        for e in errors[1:]:
+            if tuple(e["loc"][:len(first["loc"]) - 1]) == tuple(first["loc"][:-1]) and not _is_type_mismatch(e):
+                return e
+    return first
+
+
 def format_validation_error(err: ValidationError, data: dict) -> str:
     errors = err.errors(include_url=False)
-    e = errors[0]
-    path = _field_path(tuple(e["loc"]), data)
+    e = _pick(errors)
+    path = _field_path(tuple(e["loc"]), data, e["type"] == "missing")
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == BOOL_ERROR:  # raised by the section, about one of its fields
         ctx = e["ctx"]
@@ -230,9 +247,11 @@ def format_validation_error(err: ValidationError, data: dict) -> str:
         msg = f"must be a finite number, not {e['input']!r}"
     elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
         msg += f" (got {e['input']!r})"
-    # a union reports each member's failure at one place: one problem, not several
-    n = len({_field_path(tuple(x["loc"]), data) for x in errors}) if e["type"] != BOOL_ERROR else 1
-    more = f" (and {n - 1} more)" if n > 1 else ""
+    # other problems, each place once (a union's members failing at one place are one problem)
+    here = _field_path(tuple(e["loc"]), data, e["type"] == "missing")
+    places = {_field_path(tuple(x["loc"]), data, x["type"] == "missing") for x in errors if x is not e}
+    n = len({q for q in places if not (q == here or q.startswith(here + ".") or here.startswith(q + "."))})
+    more = f" (and {n} more)" if n else ""
     return f"config {path}: {msg}{more}" if path else f"config: {msg}{more}"
 
 

@@ -40,7 +40,10 @@ def load(train_fraction: float = 0.8) -> tuple[Split, Split]:
 
 
 def unflatten(x: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Named tensors (W1, b1, W2, b2) viewing one flat parameter vector."""
+    """Named tensors (W1, b1, W2, b2) viewing one flat parameter vector (a copy of a read-only array,
+    e.g. one from Ray's object store: torch cannot view memory it must not write)."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()
     t = torch.as_tensor(x)
     out, start = {}, 0
     for name, shape in LAYOUT:

@@ -195,3 +195,58 @@ def test_config_rejects_bad_values():
                 {"tasks": [dict(t, extra=1)]}):
         with pytest.raises(ValidationError):
             LMTasksFitnessConfig(name="lm_tasks", **bad)
+
+
+@pytest.mark.parametrize("data, msg", [
+    (b"", ": empty file (expected one JSON object a line)"),
+    (b"\n \n", ": empty file"),
+    (b'\xef\xbb\xbf{"prompt": "a", "answer": "b", "split": "train"}\n', ": starts with a UTF-8 byte-order mark"),
+    (b'{"prompt": "a", "answer": "b", "split": "train"}\n{"prompt": "caf\xe9", "answer": "b", "split": "train"}\n',
+     " line 2: not UTF-8 text (byte 0xe9)"),
+    (b'{"prompt": "a", "answer": "b", "split": "train"}\n{"prompt": " ", "answer": "b", "split": "train"}\n',
+     " line 2: 'prompt' is empty"),
+    (b'{"prompt": "", "answer": "b", "split": "train"}\n', " line 1: 'prompt' is empty"),
+    (b'{"prompt": "a", "answer": true, "split": "train"}\n', " line 1: 'answer' must be a string or a number"),
+])
+def test_encoding_empty_files_and_prompts_are_refused_by_the_drivers_check(tmp_path, data, msg):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(data)
+    cfg = LMTasksFitnessConfig(name="lm_tasks", tasks=[{"name": "t", "path": str(path), "kind": "generate"}])
+    with pytest.raises(UserError) as e:
+        LMTasksFitness.check(cfg)  # what the CLI calls before Ray starts
+    assert str(e.value).startswith(f"fitness.tasks[0].path: {path}{msg}")
+    with pytest.raises(UserError):
+        LMTasksFitness(cfg)
+
+
+@pytest.mark.parametrize("row, msg", [
+    ({"prompt": "a", "choices": ["x", "y"], "answer": True}, "'answer' must be the index of the right choice, 0..1 "
+                                                             "(got True)"),
+    ({"prompt": "a", "choices": ["x", "y"], "answer": -1}, "(got -1)"),
+    ({"prompt": "a", "choices": ["x", ""], "answer": 0}, "'choices' must be a list of at least 2 non-empty strings"),
+    ({"prompt": "a", "answer": 0}, "missing 'choices'"),
+])
+def test_choice_defects(tmp_path, row, msg):
+    path = write(tmp_path / "mc.jsonl", [dict(row, split="train")])
+    cfg = LMTasksFitnessConfig(name="lm_tasks", tasks=[{"name": "t", "path": path, "kind": "choice"}])
+    with pytest.raises(UserError) as e:
+        LMTasksFitness.check(cfg)
+    assert str(e.value).startswith(f"fitness.tasks[0].path: {path} line 1: ") and msg in str(e.value)
+
+
+def test_check_accepts_good_files_and_the_api_fitness_reads_them_before_the_server(tmp_path, monkeypatch):
+    from fitness import api
+
+    good = write(tmp_path / "ok.jsonl", [{"prompt": "a", "answer": "b", "split": "train"}])
+    LMTasksFitness.check(LMTasksFitnessConfig(name="lm_tasks", tasks=[{"name": "t", "path": good, "kind": "generate"}]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "ok.jsonl").read_bytes())
+    reached = []
+    monkeypatch.setattr(api, "_check_reachable", lambda cfg: reached.append(cfg))
+    cfg = api.APIFitnessConfig(name="api", base_url="http://127.0.0.1:9/v1", tasks=[
+        {"name": "t", "path": good, "kind": "generate"}, {"name": "u", "path": str(bad), "kind": "generate"}])
+    with pytest.raises(UserError, match=r"^fitness.tasks\[1\].path: .*bad.jsonl: starts with a UTF-8 byte-order"):
+        api.APIFitness.check(cfg)
+    assert not reached
+    api.APIFitness.check(cfg.model_copy(update={"tasks": cfg.tasks[:1]}))
+    assert len(reached) == 1
