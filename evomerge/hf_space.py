@@ -114,7 +114,10 @@ def resolve_model(ref: str, what: str) -> Path:
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's model reference
         hint = ""
         if ref.startswith("zoo/"):
-            hint = f"; build the demo models first: python run.py zoo {ref.split('/')[1]} --out zoo/{ref.split('/')[1]}"
+            from .cli import prog
+
+            name = ref.split("/")[1]
+            hint = f"; build the demo models first: {prog('zoo')} {name} --out zoo/{name}"
         raise UserError(f"space.models.{what}: {ref}: not a local directory and not loadable from the hub "
                         f"({type(e).__name__}){hint}") from None
 
@@ -263,6 +266,30 @@ class ResidentModel:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+        plain_mode(*directory.glob("*.safetensors"))
+
+
+def plain_mode(*files: Path) -> None:
+    """Give files the permissions a plain open() would (0666 less the umask: 0644 under umask 022), as the
+    other files of a model directory or run have. safetensors >= 0.8 writes a file through a temporary
+    file, created 0600 whatever the umask, renamed into place (safetensors issue #782): its files,
+    save_pretrained's included, would be readable by their owner only."""
+    mode = 0o666 & ~_umask()
+    for f in files:
+        os.chmod(f, mode)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, a race with other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:

@@ -22,6 +22,8 @@ def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: P
     """Write the stacked model to `out` (config, safetensors, tokenizer files); returns its number of layers."""
     from safetensors.torch import save_file
 
+    from .hf_space import plain_mode
+
     cks = {label: Checkpoint.open(p) for label, p in models.items()}
     base_ck = Checkpoint.open(base)
     tensors, n = {}, 0
@@ -45,6 +47,7 @@ def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: P
             tensors[name] = (first if group_of(name) == "embed" else last).tensor(name).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    plain_mode(out / "model.safetensors")  # not safetensors' 0600
     config = json.loads((Path(base) / "config.json").read_text())
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:
@@ -54,7 +57,7 @@ def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: P
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in Path(base).iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) or f.suffix == ".model":
-            shutil.copy(f, out / f.name)
+            shutil.copyfile(f, out / f.name)  # the contents, with this process's permissions (not the source's)
     return n
 
 
