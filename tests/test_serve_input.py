@@ -160,3 +160,19 @@ def test_a_port_in_use_is_one_line_and_nothing_claims_to_serve(family, tmp_path)
     assert r.returncode == 2 and "serving" not in r.stdout
     assert r.stderr.strip().splitlines() == [
         f"error: --port {port}: already in use on 127.0.0.1 (another server?); choose another port"]
+
+
+def test_a_chat_template_gives_the_prompt_its_token_ids():
+    """apply_chat_template(tokenize=True) answers a BatchEncoding in recent transformers: the ids are taken
+    from it (its keys are no prompt)."""
+    import threading
+    from types import SimpleNamespace
+
+    from evomerge.serve import ChatMessage, ModelHost
+    from hf_models import tokenizer
+
+    tok = tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    host = SimpleNamespace(rt=SimpleNamespace(tokenizer=tok), tok_lock=threading.Lock())
+    ids = ModelHost.chat_prompt(host, [ChatMessage(role="user", content="1+2")])
+    assert ids == tok("1+2 =")["input_ids"] and all(isinstance(i, int) for i in ids)
