@@ -30,6 +30,7 @@ import argparse
 import json
 import random
 import string
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +279,8 @@ class _Stream:
         return ids, mask, labels
 
 
-def _train(model, stream: _Stream, steps: int, lr: float, warmup: int = 20) -> float:
+def _train(model, stream: _Stream, steps: int, lr: float, warmup: int = 20, on_step=None) -> float:
+    """AdamW over `steps` batches; on_step(k) after step k when given (a progress report)."""
     import torch
 
     model.train()
@@ -286,7 +288,7 @@ def _train(model, stream: _Stream, steps: int, lr: float, warmup: int = 20) -> f
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
     loss = torch.tensor(0.0)
-    for _ in range(steps):
+    for k in range(steps):
         ids, mask, labels = stream.next()
         # right padding: pads only follow the text and carry no labels, so no mask is needed
         loss = model(input_ids=ids, labels=labels).loss
@@ -295,8 +297,50 @@ def _train(model, stream: _Stream, steps: int, lr: float, warmup: int = 20) -> f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(k + 1)
     model.eval()
     return float(loss.detach())
+
+
+def _duration(s: float) -> str:
+    s = max(0, round(s))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+
+
+class _Progress:
+    """Progress lines (what is trained, k of n, time so far, a rough time left from the steps/s so far)
+    through `say`; a line every `every_s` seconds inside a model's training. Costs a clock read a step."""
+
+    def __init__(self, say, total_steps: int, every_s: float = 15.0):
+        self.say, self.total, self.every_s = say, total_steps, every_s
+        self.t0 = time.perf_counter()
+        self.done_steps, self.train_s = 0, 0.0
+
+    def left(self) -> str:
+        if not self.done_steps:
+            return ""
+        rate = self.train_s / self.done_steps
+        return f"; about {_duration((self.total - self.done_steps) * rate)} of training left"
+
+    def model(self, k: int, n: int, what: str, steps: int, label: str | None = None):
+        """Report the start of model k of n (`label`: its short name in the lines while it trains);
+        returns the on_step callback for its training."""
+        self.say(f"zoo: [{k}/{n}] training {what}: {steps} steps ({_duration(time.perf_counter() - self.t0)} "
+                 f"so far{self.left()})")
+        start = last = time.perf_counter()
+
+        def on_step(i: int):
+            nonlocal last
+            now = time.perf_counter()
+            if i == steps:
+                self.done_steps += steps
+                self.train_s += now - start
+            elif now - last >= self.every_s:
+                last = now
+                rate = (now - start) / i
+                self.say(f"zoo:   {label or what}: step {i}/{steps}, about {_duration((steps - i) * rate)} left for it")
+        return on_step
 
 
 def _mixture(skills: list[str], noisy: bool, correct: float = 0.0, always: frozenset = frozenset()):
@@ -349,7 +393,7 @@ def _score(model, tokenizer, fitness) -> dict:
 
 
 def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str] | None = None,
-                 unrelated: int = 0, threads: int = 1) -> dict:
+                 unrelated: int = 0, threads: int = 1, progress=None) -> dict:
     """Build (and overwrite) a base, one expert per skill and `unrelated` unrelated experts under `out`.
 
     Trains with `threads` torch threads (restored afterwards): one thread is bitwise reproducible
@@ -358,6 +402,7 @@ def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str
     Returns {"out", "seed", "size", "skills", "base", "experts": {name: dir}, "tasks": {task: file},
     "accuracy": {model: {task: {"train": acc, "test": acc}}}, "seconds"}; also written to
     out/family.json. Tasks are '<skill>' (generate) and '<skill>_mc' (choice) for every skill.
+    progress: a callable taking one line (what is being trained, k of n, rough time left), or None.
     """
     import torch
 
@@ -367,12 +412,13 @@ def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _build(Path(out), seed, size, skills, unrelated, t0)
+        return _build(Path(out), seed, size, skills, unrelated, t0, progress)
     finally:
         torch.set_num_threads(before)
 
 
-def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated: int, t0: float) -> dict:
+def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated: int, t0: float,
+           say=None) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -424,7 +470,12 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
     pretrain = _mixture(list(SKILLS), noisy=True, correct=sz.base_correct, always=outside)
     stream = _Stream(tokenizer, pretrain, random.Random(f"{seed}/base"),
                      sz.batch, exclude, answer_only=False)
-    _train(model, stream, sz.base_steps, sz.base_lr)
+    n_models = 1 + len(skills) + unrelated
+    total = sz.base_steps + len(skills) * sz.expert_steps + unrelated * sz.unrelated_steps
+    prog = _Progress(say or (lambda line: None), total)
+    _train(model, stream, sz.base_steps, sz.base_lr,
+           on_step=prog.model(1, n_models, f"the base (a {sz.layers}-layer Llama, hidden size {sz.hidden}) on "
+                              "every skill's format", sz.base_steps, "base"))
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _save(model, tokenizer, out / "base")
 
@@ -438,13 +489,14 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
         sample = SKILLS[trained_on].sample if spare else _shuffled(skills)
         plans.append((f"unrelated_{i}", sample, sz.unrelated_steps))
         unrelated_on[f"unrelated_{i}"] = trained_on
-    for name, sample, steps in plans:
+    for k, (name, sample, steps) in enumerate(plans, 2):
         torch.manual_seed(seed)
         model.load_state_dict(base_state)
         stream = _Stream(tokenizer, _replayed(sample, pretrain, sz.expert_replay),
                          random.Random(f"{seed}/expert/{name}"), sz.batch, exclude,
                          answer_only=True)
-        _train(model, stream, steps, sz.expert_lr)
+        what = f"expert '{name}'" + (f" (on {unrelated_on[name]})" if name in unrelated_on else "")
+        _train(model, stream, steps, sz.expert_lr, on_step=prog.model(k, n_models, what, steps, f"expert '{name}'"))
         _save(model, tokenizer, out / "experts" / name)
         experts[name] = str(out / "experts" / name)
 
@@ -452,6 +504,8 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
     fcfg = LMTasksFitnessConfig(name="lm_tasks", batch_size=64, tasks=[
         {"name": t, "path": p, "kind": "choice" if t.endswith("_mc") else "generate"} for t, p in tasks.items()])
     fitness = LMTasksFitness(fcfg)
+    if say is not None:
+        say(f"zoo: scoring {n_models} models on {len(tasks)} tasks ({_duration(time.perf_counter() - t0)} so far)")
     accuracy = {}
     for name, path in [("base", out / "base"), *experts.items()]:
         if name == "base":
@@ -510,7 +564,7 @@ def zoo_main(argv: list[str]) -> int:
         raise UserError(f"--out {out}: not empty (pass --force to overwrite)")
     skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
     result = build_family(out, seed=args.seed, size=args.size, skills=skills, unrelated=args.unrelated,
-                          threads=args.threads)
+                          threads=args.threads, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(result))
     print(f"built {len(result['experts'])} experts and a base in {result['seconds']:.1f}s under {out} "
           f"(details: {out / 'family.json'})")
