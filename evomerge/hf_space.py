@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from .errors import UserError
+from .files import plain_mode, save_safetensors
 from .schema import Frozen
 from .space import SearchSpace
 
@@ -210,7 +211,6 @@ class HFMergeSpace(SearchSpace):
     def prepare(self) -> Path:
         """Write the task vectors (expert - base) once for this set of models; later runs reuse them."""
         import torch
-        from safetensors.torch import save_file
 
         out = self.task_vector_dir()
         out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ class HFMergeSpace(SearchSpace):
                     raise UserError(f"space.models.experts.{label}: tensor {name} contains NaN or Inf")
                 tensors[name] = (e.float() - b.float()).contiguous()
             tmp = out / f".{label}.{os.getpid()}.tmp"
-            save_file(tensors, str(tmp))
+            save_safetensors(tensors, tmp)
             os.replace(tmp, target)
         return out
 
@@ -266,30 +266,7 @@ class ResidentModel:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
-        plain_mode(*directory.glob("*.safetensors"))
-
-
-def plain_mode(*files: Path) -> None:
-    """Give files the permissions a plain open() would (0666 less the umask: 0644 under umask 022), as the
-    other files of a model directory or run have. safetensors >= 0.8 writes a file through a temporary
-    file, created 0600 whatever the umask, renamed into place (safetensors issue #782): its files,
-    save_pretrained's included, would be readable by their owner only."""
-    mode = 0o666 & ~_umask()
-    for f in files:
-        os.chmod(f, mode)
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask sets it, a race with other threads)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        plain_mode(*directory.glob("*.safetensors"))  # not safetensors' 0600 (see files.py)
 
 
 def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:

@@ -20,9 +20,8 @@ _BLOCK = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\.)")
 
 def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: Path) -> int:
     """Write the stacked model to `out` (config, safetensors, tokenizer files); returns its number of layers."""
-    from safetensors.torch import save_file
 
-    from .hf_space import plain_mode
+    from .files import save_safetensors
 
     cks = {label: Checkpoint.open(p) for label, p in models.items()}
     base_ck = Checkpoint.open(base)
@@ -46,8 +45,7 @@ def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: P
         if layer_index(name) is None:
             tensors[name] = (first if group_of(name) == "embed" else last).tensor(name).contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    plain_mode(out / "model.safetensors")  # not safetensors' 0600
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((Path(base) / "config.json").read_text())
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:

@@ -84,13 +84,12 @@ class DigitsMLPSpace(SearchSpace):
                 for init, classes in zip(inits, (range(0, 5), range(5, 10)))]
 
     def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
-        from safetensors.torch import save_file
-
         from . import digits
+        from .files import save_safetensors
 
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().clone() for k, v in digits.unflatten(np.asarray(x, np.float32)).items()}
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "model": "digits_mlp"})
+        save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt", "model": "digits_mlp"})
         (directory / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         (directory / "README.md").write_text(_DIGITS_README)
 

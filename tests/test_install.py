@@ -84,6 +84,7 @@ def test_the_installed_command_runs_the_quickstart_outside_the_checkout(venv, tm
     run = tmp_path / "run"
     assert len((run / "evals.jsonl").read_text().splitlines()) == 500
     assert (run / "summary.json").exists()
+    assert_plain_modes(run / "best")  # the digits MLP's model.safetensors too, not safetensors' 0600
     for f in run.rglob("*"):
         if f.is_file():
             assert b"run.py" not in f.read_bytes(), f
