@@ -71,6 +71,7 @@ def fingerprint(job: Job):
 
 
 MIN_FAILURES_TO_STOP = 10
+WORKER_START_TIMEOUT_S = 300.0  # default of engine.worker_start_timeout_s
 STATS_LINES = 500  # strategy.jsonl: about this many lines over max_evals
 STATS_EVERY_S = 10.0  # ... or one every this many seconds of search (no max_evals)
 
@@ -120,7 +121,9 @@ class Engine:
         self.leaders: dict[str, Job] = {}
         self.ready: list[Job] = []  # known, not yet told (steady-state mode)
         self.inflight: dict = {}
-        self.aux: dict = {}
+        self.aux: dict = {}  # ready() refs of replacements still starting -> (worker, generation)
+        self.starting: dict[int, tuple] = {}  # worker -> (its ready() ref, when it is given up)
+        self.given_up: dict[int, str] = {}  # workers that could not start (this session) -> why
         self.logged: set[int] = set()  # ids already in evals.jsonl (while resuming)
         self.replaying = False
         self.journal: Journal | None = None
@@ -162,17 +165,77 @@ class Engine:
         extras = STRATEGIES[self.cfg.strategy.name][1].worker_extras(self.cfg.strategy)
         return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads, extras)
 
+    def _start_timeout(self) -> float | None:
+        return getattr(self.cfg.engine, "worker_start_timeout_s", WORKER_START_TIMEOUT_S)
+
     def wait_workers(self) -> None:
+        """Wait until the workers are ready. Once one is, a worker not ready within
+        engine.worker_start_timeout_s more (or as long again as the first took, if longer) is given
+        up, e.g. the cluster has no room for it: the run goes on with the others."""
+        import ray
+
+        bound = self._start_timeout()
+        refs = {w.ready.remote(): i for i, w in enumerate(self.workers)}
+        self.worker_info = [None] * len(self.workers)
+        first = None  # seconds from launch to the first worker ready
+        while refs:
+            left = None
+            if bound is not None and first is not None:
+                left = self._launched + first + max(bound, first) - time.perf_counter()
+                if left <= 0:
+                    break
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=left)
+            for ref in done:
+                w = refs.pop(ref)
+                try:
+                    self.worker_info[w] = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    raise _user_cause(err) from None
+                if first is None:
+                    first = time.perf_counter() - self._launched
+        self.startup_seconds = time.perf_counter() - self._launched
+        if refs:
+            reason = (f"not started within {max(bound, first):.3g} s of the first worker "
+                      f"(engine.worker_start_timeout_s, or as long as the first took): {self._no_room()}")
+            for w in sorted(refs.values()):
+                self._kill(w)
+                self.given_up[w] = reason
+            print(f"warning: {len(refs)} of {len(self.workers)} workers {reason} - given up, the run goes on "
+                  f"with {len(self.workers) - len(refs)}", file=sys.stderr)
+
+    def _no_room(self) -> str:
+        e = self.cfg.engine
+        need = f"{e.cpus_per_worker:g} CPU" + (f" and {e.gpus_per_worker:g} GPU" if e.gpus_per_worker else "")
+        return f"does the cluster have room for a worker ({need})?"
+
+    def _kill(self, w: int) -> None:
         import ray
 
         try:
-            self.worker_info = ray.get([w.ready.remote() for w in self.workers])
-        except ray.exceptions.RayError as err:
-            raise _user_cause(err) from None
-        self.startup_seconds = time.perf_counter() - self._launched
+            ray.kill(self.workers[w], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _give_up(self, w: int) -> None:
+        """Replacement w did not start in time (e.g. its node is gone and no other has room): the
+        run goes on without it; with no worker left (none ready, none starting), it stops."""
+        ref, _ = self.starting.pop(w)
+        self.aux.pop(ref, None)
+        self._kill(w)
+        self.gen[w] += 1
+        reason = f"not started within {self._start_timeout():g} s (engine.worker_start_timeout_s): {self._no_room()}"
+        self.given_up[w] = reason
+        self.rundir.log_event({"event": "given_up", "worker": w, "reason": reason, "t": round(self.elapsed(), 3)})
+        live = sum(self.worker_ready) + len(self.starting)
+        print(f"warning: replacement worker {w} {reason} - given up ({live} of {len(self.workers)} workers left)",
+              file=sys.stderr)
+        if not live:
+            self.stop_requested = self.stop_requested or "no_workers"
+            self.last_failure = f"worker {w}: {reason}"
 
     def _replace_worker(self, w: int, reason: str) -> None:
-        """Worker w died or hung: a new actor takes its place; its batches go back to the queue.
+        """Worker w died or hung: a new actor takes its place once ready; its batches go back to the
+        queue, for any ready worker (see _give_up for a replacement that does not start).
 
         The candidates of the batch it was running are re-sent one per call, so that the one that
         killed it is found: a candidate alone in its call counts a failed attempt. Batches queued
@@ -192,10 +255,7 @@ class Engine:
                     job.isolate = job.isolate or i == 0
                     back.append(job)
         self.queue.extendleft(reversed(back))
-        try:
-            ray.kill(self.workers[w], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        self._kill(w)
         self.counts["worker_replacements"] += 1
         self.rundir.log_event({"event": "replaced", "worker": w, "reason": reason, "t": round(self.elapsed(), 3)})
         limit = self.cfg.engine.max_worker_replacements
@@ -204,9 +264,15 @@ class Engine:
                             f"{self.counts['worker_replacements']} times (limit {limit}); last reason: {reason}")
         self.workers[w] = self._new_worker(w)
         self.gen[w] += 1
-        self.slots[w] = self.cfg.engine.queue_depth
+        self.slots[w] = 0  # nothing is sent to it before it is ready: it may never be (no room for it)
         self.worker_ready[w] = False
-        self.aux[self.workers[w].ready.remote()] = (w, self.gen[w])
+        old = self.starting.pop(w, None)
+        if old is not None:
+            self.aux.pop(old[0], None)
+        ref = self.workers[w].ready.remote()
+        self.aux[ref] = (w, self.gen[w])
+        bound = self._start_timeout()
+        self.starting[w] = (ref, math.inf if bound is None else time.perf_counter() + bound)
 
     # state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -533,6 +599,11 @@ class Engine:
         timeout = min(self.cfg.progress_every_s, 1.0)
         e = self.cfg.engine
         now = time.perf_counter()
+        for w, (_, deadline) in list(self.starting.items()):
+            if now >= deadline:
+                self._give_up(w)
+            else:
+                timeout = min(timeout, deadline - now + 0.01)
         if e.eval_timeout_s:
             for w, tasks in enumerate(self.worker_tasks):
                 if tasks and self.worker_ready[w]:
@@ -563,7 +634,9 @@ class Engine:
                 except ray.exceptions.RayError as err:
                     raise _user_cause(err) from None
                 if gen == self.gen[w]:
+                    self.starting.pop(w, None)
                     self.worker_ready[w] = True
+                    self.slots[w] = e.queue_depth
                     self.worker_done_at[w] = time.perf_counter()
                     self.worker_info[w] = info
                     self.rundir.log_event({"event": "started", **info, "t": round(self.elapsed(), 3)})
@@ -586,12 +659,15 @@ class Engine:
         e = self.cfg.engine
         self.rundir = rundir
         self.sessions += 1
-        self.slots = [e.queue_depth] * len(self.workers)
+        self.worker_ready = [w not in self.given_up for w in range(len(self.workers))]
+        self.slots = [e.queue_depth if ok else 0 for ok in self.worker_ready]
         self.worker_tasks = [deque() for _ in self.workers]
-        self.worker_ready = [True] * len(self.workers)
         self.worker_done_at = [time.perf_counter()] * len(self.workers)
         for info in self.worker_info:
-            rundir.log_event({"event": "started", **info, "t": round(self.elapsed_before, 3)})
+            if info is not None:
+                rundir.log_event({"event": "started", **info, "t": round(self.elapsed_before, 3)})
+        for w, reason in sorted(self.given_up.items()):
+            rundir.log_event({"event": "given_up", "worker": w, "reason": reason, "t": round(self.elapsed_before, 3)})
         for job in sorted(self.jobs.values(), key=lambda j: j.id):  # resumed: results still owed
             if job.result is None:
                 self._route(job)
@@ -652,7 +728,9 @@ class Engine:
             "evals_per_second": round(done_now / max(session_seconds, 1e-9), 2),
             "sessions": self.sessions,
             "workers": len(self.workers),
-            "worker_devices": [w.get("device") for w in self.worker_info],
+            "workers_live": sum(self.worker_ready),  # at the end; the others were lost
+            "workers_given_up": len(self.given_up),  # could not start (e.g. no room left on the cluster)
+            "worker_devices": [None if w is None else w.get("device") for w in self.worker_info],
             "batch_size": e.batch_size,
             "deterministic": e.deterministic,
             "worker_utilization": round(self.busy_seconds / max(len(self.workers) * search_seconds, 1e-9), 4),
@@ -669,27 +747,31 @@ class Engine:
             summary["last_failure"] = self.last_failure
         if self.front is not None:
             summary["pareto_front"] = {"objectives": self.front.objectives, "members": self.front.sorted()}
-        if self.best["x"] is not None and self.stop_reason != "interrupted":
+        if self.best["x"] is not None and self.stop_reason not in ("interrupted", "no_workers"):
             summary["best"] = self._save_best(rundir)
             if getattr(self, "shared", None) is not None:
                 self._checkpoint()  # what scoring the best's held-out split spent (e.g. API requests)
         summary["strategy"] = self.strategy.summary()
         summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        if self.stop_reason != "interrupted":
+        if self.stop_reason not in ("interrupted", "no_workers"):
             try:
                 summary["worker_peak_rss_mb"] = [round(m, 1) for m in
-                                                 ray.get([w.peak_rss_mb.remote() for w in self.workers])]
+                                                 ray.get([w.peak_rss_mb.remote() for w in self._live()])]
             except ray.exceptions.RayError:
                 pass
         return summary
+
+    def _live(self) -> list:
+        """The ready workers (a starting one may never be: calls to it could wait forever)."""
+        return [a for a, ok in zip(self.workers, self.worker_ready) if ok]
 
     def _save_best(self, rundir: RunDir) -> dict:
         """Held-out metrics of the best, and the best model written to best/ (replaced atomically)."""
         import ray
 
         best = self.best
-        for attempt in range(len(self.workers) + 1):
-            w = self.workers[attempt % len(self.workers)]
+        live = self._live()
+        for w in live + live[:1]:
             try:
                 try:
                     holdout = ray.get(w.holdout.remote(best["x"]))
