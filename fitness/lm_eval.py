@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -103,10 +104,15 @@ class LMEvalFitnessConfig(Frozen):
 
 # lm-eval access ------------------------------------------------------------------------------------
 
-def _import():
+def _import(full: bool = True):
+    """lm-eval's modules; not full (the driver's check, which builds tasks only): the evaluator and
+    the HF model wrapper are only looked for, not imported (2 s of transformers models on 2 cores)."""
     try:
         for module in ("lm_eval", "lm_eval.tasks", "lm_eval.evaluator", "lm_eval.models.huggingface"):
-            importlib.import_module(module)
+            if full or module in ("lm_eval", "lm_eval.tasks"):
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module) is None:
+                raise ImportError(f"No module named {module!r}")
     except ImportError as e:
         raise UserError(f"fitness.name: lm_eval needs lm-evaluation-harness ({e}); {INSTALL_HINT}") from None
 
@@ -294,7 +300,7 @@ def _load_checked(cfg: LMEvalFitnessConfig, check_data: bool = False) -> tuple[d
     `include_path` are read first (a defect there is named by file and line, not by the datasets
     library's 'An error occurred while generating the dataset'), and after the build every example of
     their searched and held-out splits must make a prompt, choices and an answer lm-eval can score."""
-    _import()
+    _import(full=not check_data)
     if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
         raise UserError(f"fitness.include_path: {cfg.include_path}: no such directory")
     tm, known = _task_manager(cfg)
@@ -328,16 +334,19 @@ def _load_checked(cfg: LMEvalFitnessConfig, check_data: bool = False) -> tuple[d
 
 
 def _why(e: BaseException) -> str:
-    """One line: the innermost cause's message (datasets wraps the reader's error in a generic one)."""
-    seen = []
-    while e is not None and e not in seen:
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    for err in reversed(seen):
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if msg:
-            return msg[:300]
-    return type(seen[-1]).__name__
+    """One line: the error's message, followed by its innermost cause's when that differs (datasets
+    wraps a reader's error in 'An error occurred while generating the dataset')."""
+    def first_line(err):
+        text = str(err).strip()
+        return text.splitlines()[0] if text else type(err).__name__
+
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    msg = first_line(e)
+    if len(chain) > 1 and first_line(chain[-1]) not in msg:
+        msg = f"{msg}: {first_line(chain[-1])}"
+    return msg[:300]
 
 
 @contextlib.contextmanager

@@ -61,8 +61,11 @@ class Shared:
     def family(self) -> tuple[str, dict[str, str]]:
         """(base, {label: expert}) directories of a tiny random Llama family (tests/hf_models.py)."""
         if self._family is None:
+            from transformers.utils import logging as hf_logging
+
             from hf_models import tiny_family
 
+            hf_logging.disable_progress_bar()
             base, experts = tiny_family(self.root / "family", experts=("a", "b"))
             self._family = str(base), {k: str(v) for k, v in experts.items()}
         return self._family
