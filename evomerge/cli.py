@@ -21,6 +21,12 @@ COMMANDS = (
 )
 
 
+RESUMABLE_SETS = ("budget.", "engine.address=", "engine.worker_start_timeout_s=", "progress_every_s=",
+                  "fitness.max_requests=", "fitness.max_tokens=")
+RESUMABLE_TEXT = ("budget.*, engine.address, engine.worker_start_timeout_s, progress_every_s and an API fitness's "
+                  "max_requests / max_tokens")
+
+
 def prog(command: str | None = None) -> str:
     """The name the user typed: `python run.py` or the `evomerge` console script."""
     name = Path(sys.argv[0]).name
@@ -53,9 +59,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML",
                    help="run config (see configs/ and the config reference in README.md)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted or finished run from its checkpoint and journal; only budget.*, "
-                        "engine.address, progress_every_s and an API fitness's max_requests / max_tokens may be "
-                        "changed with --set (e.g. --set budget.max_evals=20000 to extend it)")
+                   help="continue an interrupted or finished run from its checkpoint and journal; only "
+                        f"{RESUMABLE_TEXT} may be changed with --set (e.g. --set budget.max_evals=20000 to extend it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, the value read as YAML, e.g. --set budget.max_evals=500 or "
                         "--set 'space.params.weight={low: 0, high: 2}' (repeatable)")
@@ -171,8 +176,6 @@ def default_out(config: str) -> Path:
     return out
 
 
-RESUMABLE_SETS = ("budget.", "engine.address=", "progress_every_s=", "fitness.max_requests=",
-                  "fitness.max_tokens=")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -185,8 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--resume: the run directory holds its config; drop --config and --out")
         for item in args.set:
             if not item.startswith(RESUMABLE_SETS):
-                raise UserError(f"--set {item}: a resumed run may change only budget.*, engine.address, "
-                                "progress_every_s and an API fitness's max_requests / max_tokens")
+                raise UserError(f"--set {item}: a resumed run may change only {RESUMABLE_TEXT}")
         out = Path(args.resume)
         run = RunDir.open(out)  # locked and checked, before anything starts
     else:

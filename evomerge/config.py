@@ -55,6 +55,11 @@ class EngineConfig(Frozen):
                                                                       "of evaluations failed (checked from 10 failures)")
     max_worker_replacements: int = Field(100, ge=0, description="stop the run when workers died or hung more "
                                                                 "often than this (e.g. a worker that cannot start)")
+    worker_start_timeout_s: float | None = Field(300.0, gt=0, description="a worker not ready this many seconds "
+                                                 "after it was created (e.g. its node is gone and no other has room) is "
+                                                 "given up and the run goes on with fewer; at start, counted from the "
+                                                 "first worker ready (or as long as the first took, if longer); null: "
+                                                 "wait forever")
     cache_size: int = Field(1024, ge=0, description="recent results kept to serve duplicate candidates "
                                                     "(same recipe) without evaluating them again")
     checkpoint_every_s: float = Field(30.0, gt=0, description="seconds between checkpoints (the journal "

@@ -71,7 +71,6 @@ def fingerprint(job: Job):
 
 
 MIN_FAILURES_TO_STOP = 10
-WORKER_START_TIMEOUT_S = 300.0  # default of engine.worker_start_timeout_s
 STATS_LINES = 500  # strategy.jsonl: about this many lines over max_evals
 STATS_EVERY_S = 10.0  # ... or one every this many seconds of search (no max_evals)
 
@@ -166,7 +165,7 @@ class Engine:
         return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads, extras)
 
     def _start_timeout(self) -> float | None:
-        return getattr(self.cfg.engine, "worker_start_timeout_s", WORKER_START_TIMEOUT_S)
+        return self.cfg.engine.worker_start_timeout_s
 
     def wait_workers(self) -> None:
         """Wait until the workers are ready. Once one is, a worker not ready within
@@ -806,7 +805,7 @@ def _first_line(err: Exception) -> str:
 
 def _user_cause(err: Exception) -> Exception:
     """A UserError raised while a worker starts (e.g. a missing data file) stays one line."""
-    cause = err
-    while cause is not None and not isinstance(cause, UserError):
-        cause = getattr(cause, "cause", None)
-    return cause if cause is not None else err
+    cause = err  # Ray's RayTaskError(UserError) is a UserError too, but its text is a traceback: the
+    while getattr(cause, "cause", None) is not None:  # innermost cause is the one raised
+        cause = cause.cause
+    return cause if isinstance(cause, UserError) else err
