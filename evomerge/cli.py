@@ -257,6 +257,7 @@ def _search(args, cfg, run, t_start: float) -> dict:
     from .engine import Engine
     from .spaces import build_space
 
+    _check_fitness(cfg)  # its data first: cheaper than the space (torch, models)
     space = build_space(cfg.space, cfg.seed)
     STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
     _preflight(cfg, space)
@@ -292,15 +293,20 @@ def _search(args, cfg, run, t_start: float) -> dict:
     return summary
 
 
-def _preflight(cfg, space) -> None:
-    """Refuse before anything starts what cannot work: the fitness's own checks (e.g. its API key) and
-    what the strategy needs the workers to compute."""
+def _check_fitness(cfg) -> None:
+    """The fitness's own checks, before anything starts (e.g. its task files, its API key and server)."""
     from fitness import FITNESSES
-    from populations import STRATEGIES
 
     check = getattr(FITNESSES[cfg.fitness.name][1], "check", None)
     if check is not None:
         check(cfg.fitness)
+
+
+def _preflight(cfg, space) -> None:
+    """Refuse before anything starts what the strategy needs the workers to compute and they cannot."""
+    from fitness import FITNESSES
+    from populations import STRATEGIES
+
     if "weight_gradient" in STRATEGIES[cfg.strategy.name][1].worker_extras(cfg.strategy):
         if not hasattr(space, "check_weight_gradient"):
             raise UserError(f"space.name: {cfg.space.name}: gradient oracles need a merge space (hf_merge)")

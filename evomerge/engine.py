@@ -22,7 +22,7 @@ from populations import STRATEGIES, Candidate, Result, Strategy
 
 from .config import RunConfig
 from .errors import UserError
-from .journal import Journal, pack_scores, read_checkpoint, repair_jsonl, unpack_scores, write_checkpoint
+from .journal import Journal, pack_scores, unpack_scores, write_checkpoint
 from .pareto import ParetoFront
 from .progress import Progress
 from .rundir import RunDir
@@ -240,7 +240,6 @@ class Engine:
         killed it is found: a candidate alone in its call counts a failed attempt. Batches queued
         behind it are re-sent as they were.
         """
-        import ray
 
         tasks = self.worker_tasks[w]
         self.worker_tasks[w] = deque()
@@ -306,23 +305,19 @@ class Engine:
         if self.front is not None and st.get("front") is not None:
             self.front.members = st["front"]
 
-    @staticmethod
-    def saved_shared_state(rundir: RunDir):
-        """The fitness's shared state in a run's checkpoint (read before the workers start)."""
-        return read_checkpoint(rundir.path)["engine"].get("fitness_shared")
-
     def restore(self, rundir: RunDir) -> int:
-        """Load the run's checkpoint and replay its journal; returns the number of replayed operations.
+        """Load the run's checkpoint (read and checked by RunDir.open) and replay its journal; returns the
+        number of replayed operations.
 
         Told evaluations missing from evals.jsonl (the driver died between journal and log) are logged.
         """
         self.rundir = rundir
         run = rundir.path
-        ckpt = read_checkpoint(run)
+        ckpt = rundir.checkpoint
         self.strategy.load_state_dict(ckpt["strategy"])
         self.load_state_dict(ckpt["engine"])
         self.journal_no = ckpt["journal_no"]
-        self.logged = repair_jsonl(run / "evals.jsonl")
+        self.logged = rundir.logged_ids
         ops = Journal.read(run / journal_name(self.journal_no))
         self.replaying = True
         last_t = 0.0  # search seconds of the last tell: a killed session's time since its checkpoint counts

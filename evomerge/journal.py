@@ -111,22 +111,3 @@ def read_checkpoint(run: Path, flag: str = "--resume") -> dict:
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or state["version"] != 1:
         raise UserError(f"{flag}: {path} is not a checkpoint of this version of evomerge")
     return state
-
-
-def repair_jsonl(path: Path) -> set[int]:
-    """Cut a torn last line off `path` (append-only JSON lines) and return the ids it holds."""
-    import json
-
-    path = Path(path)
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    ids = set()
-    for line in data[:end].splitlines():
-        if line.strip():
-            ids.add(json.loads(line)["id"])
-    return ids
