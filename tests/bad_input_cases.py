@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
@@ -57,6 +57,22 @@ class Shared:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._family = None
+
+    def finished_run(self) -> Path:
+        """A finished 200-evaluation synthetic run (the real command), for the resume cases to copy."""
+        run = self.root / "finished"
+        if not (run / "summary.json").exists():
+            import subprocess
+            import sys
+
+            cfg = self.root / "finished.yaml"
+            cfg.write_text(yaml.safe_dump({
+                "space": {"name": "synthetic", "dim": 4}, "strategy": {"name": "random"},
+                "fitness": {"name": "synthetic"}, "engine": {"workers": 1, "cpus_per_worker": 0.5},
+                "budget": {"max_evals": 200}}))
+            subprocess.run([sys.executable, "run.py", "--config", str(cfg), "--out", str(run), "--no-progress"],
+                           cwd=ROOT, check=True, capture_output=True, timeout=300)
+        return run
 
     def family(self) -> tuple[str, dict[str, str]]:
         """(base, {label: expert}) directories of a tiny random Llama family (tests/hf_models.py)."""
@@ -98,6 +114,14 @@ class Env:
     def family(self) -> tuple[str, dict[str, str]]:
         return self.shared.family()
 
+    def old_run(self) -> Path:
+        """A copy of the shared finished run, at {tmp}/old."""
+        import shutil
+
+        dst = self.tmp / "old"
+        shutil.copytree(self.shared.finished_run(), dst)
+        return dst
+
     def argv(self, case: Case) -> list[str]:
         args = case.argv(self) if callable(case.argv) else [self.sub(a) for a in case.argv]
         return [*args, "--out", str(self.out)] if case.out else list(args)
@@ -110,12 +134,14 @@ class Env:
 
 
 def snapshot(path: Path | None) -> dict | None:
-    """{relative path: bytes} of every file under `path` (None: no such directory)."""
+    """{relative path: bytes} of every file under `path` but a run directory's .lock (None: no such
+    directory)."""
     if path is None or not path.exists():
         return None
     if path.is_file():
         return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".lock"}  # the lock names the last process that held it
 
 
 def problems(case: Case, env: Env, rc: int, stderr: str, before: dict | None) -> list[str]:
@@ -411,7 +437,92 @@ TASK_FILE_CASES = [
       or d.id == "missing-file"],
 ]
 
-CASES: list[Case] = [*CONFIG_CASES, *TASK_FILE_CASES]
+# run directories: --out that cannot be used, resume of a damaged one ------------------------------
+
+def _resume(damage: Callable[[Path], None], *more: str) -> Callable[[Env], list]:
+    def argv(env: Env) -> list:
+        run = env.old_run()
+        damage(run)
+        return ["--resume", str(run), *more]
+    return argv
+
+
+def _rewrite(name: str, change: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        (run / name).write_bytes(change((run / name).read_bytes()))
+    return damage
+
+
+def _remove(name: str) -> Callable[[Path], None]:
+    return lambda run: (run / name).unlink()
+
+
+def _insert_garbage(data: bytes) -> bytes:
+    lines = data.splitlines(keepends=True)
+    return b"".join([*lines[:len(lines) // 2], b'{"id": "garbage"\n', *lines[len(lines) // 2:]])
+
+
+def _out_in_a_file(env: Env) -> list:
+    env.write("afile", "x")
+    return [*_sets()[:2], "--out", str(env.tmp / "afile" / "run")]
+
+
+def _out_not_empty(env: Env) -> list:
+    env.write("run/notes.txt", "mine")
+    return _sets()[:2]
+
+
+def _serve(port: str) -> Callable[[Env], list]:
+    def argv(env: Env) -> list:
+        return ["serve", "--config", _hf_config(env, {"name": "lm_tasks", "tasks": [
+            {"name": "t", "path": env.write("t.jsonl", json.dumps({"prompt": "a", "answer": "b", "split": "train"})),
+             "kind": "generate"}]}), "--port", port]
+    return argv
+
+
+def _serve_busy(env: Env) -> list:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    env.held = sock  # kept open while the case runs
+    return _serve(str(sock.getsockname()[1]))(env)
+
+
+KEEP = "{tmp}/old"
+RUN_DIR_CASES = [
+    Case("out-inside-a-file", _out_in_a_file, "cannot create it: Not a directory", out=False, group="run_dir"),
+    Case("out-not-empty", _out_not_empty, "already exists and is not empty", keeps_dir="{out}", group="run_dir"),
+    Case("out-read-only-fs", [*_sets()[:2], "--out", "/sys/evomerge-bad-input-run"], "--out /sys/evomerge-bad-input-run",
+         out=False, group="run_dir"),
+    Case("resume-not-a-run", ["--resume", "{tmp}"], "not a run directory with a checkpoint", out=False, group="run_dir"),
+    Case("resume-garbage-checkpoint", _resume(_rewrite("checkpoint.pkl", lambda b: b"\x00garbage" * 9)),
+         "checkpoint.pkl is damaged", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-truncated-checkpoint", _resume(_rewrite("checkpoint.pkl", lambda b: b[:len(b) // 2])),
+         "checkpoint.pkl is damaged", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-empty-checkpoint", _resume(_rewrite("checkpoint.pkl", lambda b: b"")),
+         "checkpoint.pkl is damaged (empty)", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-no-checkpoint", _resume(_remove("checkpoint.pkl")), "not a run directory with a checkpoint",
+         out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-garbage-line-in-evals", _resume(_rewrite("evals.jsonl", _insert_garbage)),
+         "evals.jsonl line 101 is damaged", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-no-evals", _resume(_remove("evals.jsonl")), "evals.jsonl is missing (200 evaluations",
+         out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-evals-cut-short", _resume(_rewrite("evals.jsonl", lambda b: b"".join(b.splitlines(True)[:50]))),
+         "holds 50 evaluations, the checkpoint counts 200", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-with-config", _resume(lambda run: None, "--config", QUICKSTART),
+         "--resume: the run directory holds its config", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-changing-the-strategy", _resume(lambda run: None, "--set", "strategy.name=cmaes"),
+         "a resumed run may change only budget.*", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("resume-inf-budget", _resume(lambda run: None, "--set", "budget.max_seconds=.inf"),
+         "config budget.max_seconds: must be a finite number", out=False, keeps_dir=KEEP, group="run_dir"),
+    Case("serve-port-out-of-range", _serve("99999"), "--port 99999: must lie in 1..65535", out=False, group="serve"),
+    Case("serve-port-negative", _serve("-1"), "--port -1", out=False, group="serve"),
+    Case("serve-port-in-use", _serve_busy, "already in use", out=False, group="serve"),
+]
+
+CASES: list[Case] = [*CONFIG_CASES, *TASK_FILE_CASES, *RUN_DIR_CASES]
 
 # the same configs over good files, which must pass the checks (tests/test_bad_input.py): each case is
 # refused for its defect, not for the set-up around it
