@@ -24,6 +24,15 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
     plain_mode(Path(path))
 
 
+def save_pretrained(model, tokenizer, directory: Path) -> None:
+    """A Hugging Face model directory (safetensors weights, config, tokenizer), the umask's permissions."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    plain_mode(*directory.glob("*.safetensors"))
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask sets it, a race with other threads)
         with open("/proc/self/status") as f:

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from .errors import UserError
-from .files import plain_mode, save_safetensors
+from .files import save_pretrained, save_safetensors
 from .schema import Frozen
 from .space import SearchSpace
 
@@ -262,11 +262,7 @@ class ResidentModel:
         self.targets = {n: state[n] for n in names if n in state}
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        plain_mode(*directory.glob("*.safetensors"))  # not safetensors' 0600 (see files.py)
+        save_pretrained(self.model, self.tokenizer, directory)
 
 
 def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:

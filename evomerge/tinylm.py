@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import save_pretrained
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " +=-,:"
@@ -379,12 +380,6 @@ def _shuffled(skills: list[str], k: int = 16):
 
 # the family ------------------------------------------------------------------------------------
 
-def _save(model, tokenizer, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-
-
 def _score(model, tokenizer, fitness) -> dict:
     _, _, train = fitness.evaluate_model(model, tokenizer)
     test = fitness.holdout_model(model, tokenizer)
@@ -477,7 +472,7 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
            on_step=prog.model(1, n_models, f"the base (a {sz.layers}-layer Llama, hidden size {sz.hidden}) on "
                               "every skill's format", sz.base_steps, "base"))
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _save(model, tokenizer, out / "base")
+    save_pretrained(model, tokenizer, out / "base")
 
     experts: dict[str, str] = {}
     unrelated_on: dict[str, str] = {}
@@ -497,7 +492,7 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
                          answer_only=True)
         what = f"expert '{name}'" + (f" (on {unrelated_on[name]})" if name in unrelated_on else "")
         _train(model, stream, steps, sz.expert_lr, on_step=prog.model(k, n_models, what, steps, f"expert '{name}'"))
-        _save(model, tokenizer, out / "experts" / name)
+        save_pretrained(model, tokenizer, out / "experts" / name)
         experts[name] = str(out / "experts" / name)
 
     # accuracies of every model on every task (train and test splits)
