@@ -169,3 +169,25 @@ def test_a_run_in_which_every_evaluation_failed_exits_non_zero(tmp_path):
     assert r.returncode == 1, r.stderr
     err = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "failed" in err[0] and "--resume" in err[0] and "Traceback" not in r.stderr
+
+
+def test_a_user_error_raised_in_a_starting_worker_stays_one_line(tmp_path):
+    """What the driver cannot check (here: a task file gone by the time the workers start) still comes
+    out as the worker's own one-line UserError, not Ray's ActorDiedError text or a traceback."""
+    from evomerge.cluster import RayCluster
+    from evomerge.config import validate
+    from evomerge.engine import Engine
+    from evomerge.errors import UserError
+    from evomerge.spaces import build_space
+
+    cfg = validate({"space": {"name": "api_weights", "models": ["a"]}, "strategy": {"name": "random"},
+                    "fitness": {"name": "api", "base_url": "http://127.0.0.1:9/v1",
+                                "tasks": [{"name": "t", "path": str(tmp_path / "gone.jsonl"), "kind": "generate"}]},
+                    "engine": {"workers": 1, "cpus_per_worker": 0.5}})
+    engine = Engine(cfg, build_space(cfg.space, cfg.seed), progress=False)
+    with RayCluster(cfg.engine):
+        engine.launch_workers()
+        with pytest.raises(UserError) as err:
+            engine.wait_workers()
+    assert type(err.value) is UserError
+    assert str(err.value) == f"fitness.tasks[0].path: {tmp_path / 'gone.jsonl'}: no such file"
