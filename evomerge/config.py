@@ -15,6 +15,7 @@ from fitness import FITNESSES
 from populations import STRATEGIES
 
 from .errors import UserError
+from .files import read_utf8
 from .schema import BOOL_ERROR, Frozen
 from .spaces import SPACES
 
@@ -167,20 +168,7 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such config file") from None
-    except IsADirectoryError:
-        raise UserError(f"{p}: is a directory, not a config file") from None
-    except OSError as e:
-        raise UserError(f"{p}: cannot read: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{p}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the config "
-                        "as UTF-8") from None
+    text = read_utf8(p, "", "config file")
     try:
         data = _load_yaml(text)
     except yaml.YAMLError as e:

@@ -1,4 +1,5 @@
-"""Files the project writes with the permissions any other file of a run or model directory has.
+"""Files the user names, read with one-line errors; files the project writes with the permissions any
+other file of a run or model directory has.
 
 safetensors >= 0.8 writes through a temporary file created 0600 whatever the umask and renames it
 into place (safetensors issue #782), so its files, `save_pretrained`'s included, would be readable by
@@ -8,6 +9,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from .errors import UserError
+
+BOM = b"\xef\xbb\xbf"
+
+
+def read_utf8(path: str | Path, prefix: str, kind: str, bom: bool = True) -> str:
+    """The text of a UTF-8 file the user named. UserError `<prefix><path>: ...` naming the line for a
+    missing, unreadable or non-UTF-8 file, a directory, and (unless `bom`) a byte-order mark."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{prefix}{p}: no such {kind}") from None
+    except IsADirectoryError:
+        raise UserError(f"{prefix}{p}: is a directory, not a {kind}") from None
+    except OSError as e:
+        raise UserError(f"{prefix}{p}: cannot read: {e.strerror}") from None
+    if not bom and raw.startswith(BOM):
+        raise UserError(f"{prefix}{p}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without one")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{prefix}{p}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the {kind} "
+                        "as UTF-8") from None
 
 
 def plain_mode(*files: Path) -> None:

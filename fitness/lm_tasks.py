@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from evomerge.errors import UserError
+from evomerge.files import read_utf8
 from evomerge.schema import Frozen
 
 from .base import ModelFitness
@@ -69,31 +70,12 @@ class _Split:
         return len(self.prompts)
 
 
-BOM = b"\xef\xbb\xbf"
-
-
 def read_jsonl(path: str | Path, where: str) -> list[tuple[int, dict]]:
     """The JSON objects of a JSONL file, with their line numbers (blank lines skipped); UserError naming
     `where` (the config field), the file and the line for a missing, unreadable, non-UTF-8 or empty
     file, a byte-order mark, a line that is not JSON or not an object."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{where}: {p}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{where}: {p}: is a directory, not a JSONL file") from None
-    except OSError as e:
-        raise UserError(f"{where}: {p}: cannot read: {e.strerror}") from None
-    if raw.startswith(BOM):
-        raise UserError(f"{where}: {p}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 "
-                        "without one")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{where}: {p} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the "
-                        "file as UTF-8") from None
+    text = read_utf8(p, f"{where}: ", "JSONL file", bom=False)
     rows = []
     for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -322,7 +322,7 @@ def _plus(row: dict | bytes):
 
 
 DEFECTS = [
-    Defect("missing-file", "generate", lambda line, rows: MISSING, ": no such file"),
+    Defect("missing-file", "generate", lambda line, rows: MISSING, ": no such JSONL file"),
     Defect("directory", "generate", lambda line, rows: DIRECTORY, ": is a directory, not a JSONL file",
            ("lm_tasks", "api")),
     Defect("empty-file", "choice", lambda line, rows: b"", ": empty file"),
@@ -330,7 +330,7 @@ DEFECTS = [
     Defect("bad-json", "choice", _plus(b'{"prompt": "x", \n'), " line 3: invalid JSON"),
     Defect("non-object", "choice", _plus(b"[1, 2]\n"), " line 3: expected a JSON object, got an array"),
     Defect("latin1", "choice", _plus('{"prompt": "caf\u00e9=", "choices": ["a", "b"], "answer": 0}\n'.encode("latin-1")),
-           " line 3: not UTF-8 text (byte 0xe9)"),
+           ": line 3: not UTF-8 text (byte 0xe9)"),
     Defect("bom", "choice", lambda line, rows: b"\xef\xbb\xbf" + _lines(line, rows),
            ": starts with a UTF-8 byte-order mark (BOM)"),
     Defect("missing-answer", "generate", _plus({"prompt": "ef="}), " line 3: missing 'answer'", ("lm_tasks", "api")),

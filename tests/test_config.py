@@ -253,6 +253,6 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     p.write_bytes(("# caf\u00e9\n" + GOOD).encode("latin-1"))
     with pytest.raises(UserError) as e:
         load_config(p)
-    assert str(e.value) == f"{p}: line 1: not UTF-8 text (byte 0xe9); save the config as UTF-8"
+    assert str(e.value) == f"{p}: line 1: not UTF-8 text (byte 0xe9); save the config file as UTF-8"
     with pytest.raises(UserError, match="is a directory, not a config file"):
         load_config(tmp_path)

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from commands import start
 from evomerge.journal import Journal, pack_scores, unpack_scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,11 +32,6 @@ def write_config(tmp_path, **over) -> Path:
     path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run.py", *args, "--no-progress"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def evals(out: Path) -> list[dict]:

@@ -179,7 +179,7 @@ def test_missing_file_and_empty_train_split(tmp_path):
                                                        {"name": "u", "path": missing, "kind": "generate"}])
     with pytest.raises(UserError) as e:
         LMTasksFitness(cfg)
-    assert str(e.value) == f"fitness.tasks[1].path: {missing}: no such file"
+    assert str(e.value) == f"fitness.tasks[1].path: {missing}: no such JSONL file"
     only_test = write(tmp_path / "t.jsonl", [{"prompt": "a", "answer": "b", "split": "test"}])
     with pytest.raises(UserError, match="no examples with"):
         LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", tasks=[
@@ -202,7 +202,7 @@ def test_config_rejects_bad_values():
     (b"\n \n", ": empty file"),
     (b'\xef\xbb\xbf{"prompt": "a", "answer": "b", "split": "train"}\n', ": starts with a UTF-8 byte-order mark"),
     (b'{"prompt": "a", "answer": "b", "split": "train"}\n{"prompt": "caf\xe9", "answer": "b", "split": "train"}\n',
-     " line 2: not UTF-8 text (byte 0xe9)"),
+     ": line 2: not UTF-8 text (byte 0xe9)"),
     (b'{"prompt": "a", "answer": "b", "split": "train"}\n{"prompt": " ", "answer": "b", "split": "train"}\n',
      " line 2: 'prompt' is empty"),
     (b'{"prompt": "", "answer": "b", "split": "train"}\n', " line 1: 'prompt' is empty"),

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import yaml
 
+from commands import start
 from evomerge.cluster import MARK, PREFIX, is_loopback, listeners
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,11 +28,6 @@ def config(tmp: Path, max_evals: int = 400, delay_ms: float = 1) -> Path:
     path = tmp / f"cfg-{max_evals}-{delay_ms}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run.py", *args, "--no-progress"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def ids(run: Path) -> list[int]:
@@ -190,4 +186,4 @@ def test_a_user_error_raised_in_a_starting_worker_stays_one_line(tmp_path):
         with pytest.raises(UserError) as err:
             engine.wait_workers()
     assert type(err.value) is UserError
-    assert str(err.value) == f"fitness.tasks[0].path: {tmp_path / 'gone.jsonl'}: no such file"
+    assert str(err.value) == f"fitness.tasks[0].path: {tmp_path / 'gone.jsonl'}: no such JSONL file"
