@@ -164,16 +164,13 @@ class Engine:
         extras = STRATEGIES[self.cfg.strategy.name][1].worker_extras(self.cfg.strategy)
         return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads, extras)
 
-    def _start_timeout(self) -> float | None:
-        return self.cfg.engine.worker_start_timeout_s
-
     def wait_workers(self) -> None:
         """Wait until the workers are ready. Once one is, a worker not ready within
         engine.worker_start_timeout_s more (or as long again as the first took, if longer) is given
         up, e.g. the cluster has no room for it: the run goes on with the others."""
         import ray
 
-        bound = self._start_timeout()
+        bound = self.cfg.engine.worker_start_timeout_s
         refs = {w.ready.remote(): i for i, w in enumerate(self.workers)}
         self.worker_info = [None] * len(self.workers)
         first = None  # seconds from launch to the first worker ready
@@ -222,7 +219,8 @@ class Engine:
         self.aux.pop(ref, None)
         self._kill(w)
         self.gen[w] += 1
-        reason = f"not started within {self._start_timeout():g} s (engine.worker_start_timeout_s): {self._no_room()}"
+        bound = self.cfg.engine.worker_start_timeout_s
+        reason = f"not started within {bound:g} s (engine.worker_start_timeout_s): {self._no_room()}"
         self.given_up[w] = reason
         self.rundir.log_event({"event": "given_up", "worker": w, "reason": reason, "t": round(self.elapsed(), 3)})
         live = sum(self.worker_ready) + len(self.starting)
@@ -269,7 +267,7 @@ class Engine:
             self.aux.pop(old[0], None)
         ref = self.workers[w].ready.remote()
         self.aux[ref] = (w, self.gen[w])
-        bound = self._start_timeout()
+        bound = self.cfg.engine.worker_start_timeout_s
         self.starting[w] = (ref, math.inf if bound is None else time.perf_counter() + bound)
 
     # state ------------------------------------------------------------------------------
