@@ -1,5 +1,7 @@
 """Listening sockets of a default local run's processes (driver, gcs_server, raylet, workers, agents):
-how many are not on loopback (the target is 0). Starts the quickstart with a large budget, samples the
+how many are not on loopback (the target is 0). Ray's gRPC servers (gcs_server, raylet, driver,
+workers) bind 127.0.0.1 through a dual-stack socket, which `ss` shows as [::ffff:127.0.0.1]:PORT: an
+IPv4-mapped loopback address, reachable from this machine only; those are counted apart. Starts the quickstart with a large budget, samples the
 sockets a few times during the search, then interrupts it (Ctrl-C) and checks it exits 130.
 
     .venv/bin/python bench/ray_listeners.py [--samples 3]
@@ -40,7 +42,9 @@ def main() -> None:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
     exposed = sorted(f"{name} {ip}:{port}" for (ip, port), name in seen.items() if not is_loopback(ip))
+    mapped = sum(1 for ip, _ in seen if ip.startswith("::ffff:127."))
     result = {"listening_sockets": len(seen), "non_loopback": len(exposed), "exposed": exposed,
+              "ipv4_mapped_loopback": mapped,
               "processes": sorted(set(seen.values())), "exit_code_after_ctrl_c": proc.returncode}
     print(json.dumps(result, indent=2))
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)

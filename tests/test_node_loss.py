@@ -102,6 +102,21 @@ class Run:
             p.kill()
 
 
+def run_losing_a_node(cluster, tmp: Path, cfg: Path, out: Path, cpus: int, after: int) -> tuple[int, str]:
+    """A search on the cluster plus a node of `cpus` CPUs, which is removed once `after` evaluations are
+    logged; (exit code, stderr) when the run ends by itself."""
+    node = cluster.add_node(num_cpus=cpus)
+    try:
+        run = Run(tmp, "--config", str(cfg), "--out", str(out), "--set", f"engine.address={cluster.address}")
+        run.wait_for_evals(out, after)
+        cluster.remove_node(node)
+        node = None
+        return run.finish()
+    finally:
+        if node is not None:
+            cluster.remove_node(node)
+
+
 def evals(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
 
@@ -116,18 +131,9 @@ def summary(out: Path) -> dict:
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["free-running", "deterministic"])
 def test_losing_a_node_gives_up_its_workers_and_the_run_finishes(cluster, tmp_path, deterministic):
-    second = cluster.add_node(num_cpus=2)  # 4 workers of 1 CPU: two on the head, two here
-    try:
-        cfg = write_config(tmp_path / "cfg.yaml", deterministic=deterministic)
-        out = tmp_path / "run"
-        run = Run(tmp_path, "--config", str(cfg), "--out", str(out), "--set", f"engine.address={cluster.address}")
-        run.wait_for_evals(out, 80)
-        cluster.remove_node(second)
-        second = None
-        rc, err = run.finish()
-    finally:
-        if second is not None:
-            cluster.remove_node(second)
+    cfg = write_config(tmp_path / "cfg.yaml", deterministic=deterministic)
+    out = tmp_path / "run"
+    rc, err = run_losing_a_node(cluster, tmp_path, cfg, out, cpus=2, after=80)  # 4 workers of 1 CPU: 2 per node
     assert rc == 0, err
     assert sorted(e["id"] for e in evals(out)) == list(range(800))  # each exactly once
     if deterministic:
@@ -147,16 +153,7 @@ def test_losing_every_worker_stops_the_run_and_it_resumes_with_fewer(cluster, tm
     # workers of 3 CPUs: none fits on the head (2 CPUs), all four on the second node
     cfg = write_config(tmp_path / "cfg.yaml", cpus_per_worker=3, deterministic=True)
     out = tmp_path / "run"
-    second = cluster.add_node(num_cpus=12)
-    try:
-        run = Run(tmp_path, "--config", str(cfg), "--out", str(out), "--set", f"engine.address={cluster.address}")
-        run.wait_for_evals(out, 40)
-        cluster.remove_node(second)
-        second = None
-        rc, err = run.finish()
-    finally:
-        if second is not None:
-            cluster.remove_node(second)
+    rc, err = run_losing_a_node(cluster, tmp_path, cfg, out, cpus=12, after=40)
     s = summary(out)
     assert s["stop_reason"] == "no_workers" and s["evaluations"] < 800
     assert s["workers_live"] == 0 and s["workers_given_up"] == 4 and "best" not in s
