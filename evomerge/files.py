@@ -71,3 +71,35 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, tuple, object]], produce) -> None:
+    """A safetensors file written one tensor at a time: specs = [(name, shape, torch dtype)] in file
+    order, produce(name) -> the tensor. Peak memory is one tensor, not the file (safetensors' own
+    writer takes them all at once). The umask's permissions."""
+    import json
+    import struct
+
+    import torch
+
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[str(dtype).replace("torch.", "")], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in specs:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    plain_mode(Path(path))

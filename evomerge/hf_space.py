@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from .errors import UserError
 from .files import save_pretrained, save_safetensors
+from .memplan import MemoryConfig
 from .schema import Frozen
 from .space import SearchSpace
 
@@ -39,6 +40,7 @@ METHOD_PARAMS = {
     "slerp": ("t",),
 }
 GRADIENT_METHODS = ("task_arithmetic", "linear")  # merged tensors linear in the weights
+BAND_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties")  # select task-vector entries by magnitude
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "gamma": (0.0, 0.05), "t": (0.0, 1.0)}
 VALID = {"density": (1e-6, 1.0), "gamma": (0.0, 1.0), "t": (0.0, 1.0)}
 
@@ -82,7 +84,16 @@ class HFMergeSpaceConfig(Frozen):
         description="per-expert parameters: a number fixes it, {low, high} searches it; "
                     "defaults weight [0, 1], density [0.1, 1], gamma [0, 0.05], t [0, 1]")
     normalize: bool | None = Field(None, description="divide by the sum of weights; default mergekit's per method")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the resident model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the resident model; auto: the checkpoint's (config.json torch_dtype)")
+    kernel: Literal["auto", "compiled", "eager"] = Field(
+        "auto", description="per-candidate merge arithmetic: compiled (torch.compile, one fused pass per slice; "
+                            "needs a C++ compiler on CPU), eager (torch ops), auto: compiled on a GPU")
+    delta_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the stored task vectors (expert - base); auto: each tensor's dtype in the "
+                            "base checkpoint (bf16 models: bf16 deltas)")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig,
+                                 description="where the worker keeps the merge inputs (see the memory plan)")
     device: str = Field("auto", description="resident model device: auto (cuda when the worker has a GPU), cpu, cuda")
     cache_dir: str | None = Field(None, description="where task vectors are stored once per model set "
                                                     "(default ~/.cache/evomerge/task_vectors)")
@@ -200,7 +211,7 @@ class HFMergeSpace(SearchSpace):
         save_point(self, x, directory, info)
 
     def task_vector_dir(self) -> Path:
-        key = hashlib.sha256()
+        key = hashlib.sha256(f"deltas:{self.cfg.delta_dtype}".encode())
         for p in [self.base_path, *self.expert_paths.values()]:
             for f in sorted(p.glob("*.safetensors")):
                 st = f.stat()
@@ -208,28 +219,50 @@ class HFMergeSpace(SearchSpace):
         root = Path(self.cfg.cache_dir or Path.home() / ".cache" / "evomerge" / "task_vectors")
         return root / key.hexdigest()[:16]
 
-    def prepare(self) -> Path:
-        """Write the task vectors (expert - base) once for this set of models; later runs reuse them."""
+    def delta_dtype(self, name: str):
+        """The stored task vector's dtype: space.delta_dtype, or (auto) the base checkpoint's dtype of the tensor."""
         import torch
+
+        if self.cfg.delta_dtype != "auto":
+            return getattr(torch, self.cfg.delta_dtype)
+        return self.base.tensor(name).dtype
+
+    def prepare(self) -> Path:
+        """Write once for this set of models (later runs reuse them), one tensor at a time: the task vectors
+        (expert - base, computed in float32, stored in the delta dtype) and, for the methods that select by
+        magnitude, each task vector's magnitude table (`kernels.MagnitudeTable`)."""
+        import torch
+
+        from .files import write_safetensors
+        from .kernels import MagnitudeTable
 
         out = self.task_vector_dir()
         out.mkdir(parents=True, exist_ok=True)
+        names = [n for n in self.base.names() if self.base.tensor(n).is_floating_point()]
         for label, ck in self.experts.items():
             target = out / f"{label}.safetensors"
-            if target.exists():
-                continue
-            tensors = {}
-            for name in self.base.names():
-                b = self.base.tensor(name)
-                if not b.is_floating_point():
-                    continue
-                e = ck.tensor(name)
-                if not torch.isfinite(e).all():
-                    raise UserError(f"space.models.experts.{label}: tensor {name} contains NaN or Inf")
-                tensors[name] = (e.float() - b.float()).contiguous()
-            tmp = out / f".{label}.{os.getpid()}.tmp"
-            save_safetensors(tensors, tmp)
-            os.replace(tmp, target)
+            if not target.exists():
+                def delta(name, ck=ck, label=label):
+                    e = ck.tensor(name)
+                    if not torch.isfinite(e).all():
+                        raise UserError(f"space.models.experts.{label}: tensor {name} contains NaN or Inf")
+                    return (e.float() - self.base.tensor(name).float()).to(self.delta_dtype(name))
+
+                tmp = out / f".{label}.{os.getpid()}.tmp"
+                write_safetensors(tmp, [(n, tuple(self.base.tensor(n).shape), self.delta_dtype(n)) for n in names],
+                                  delta)
+                os.replace(tmp, target)
+            stats = out / f"{label}.magnitudes.safetensors"
+            if self.cfg.method in BAND_METHODS and not stats.exists():
+                from .pool import _mapped
+
+                deltas = _mapped(target)
+                tables = {}
+                for n in names:
+                    tables.update(MagnitudeTable.of(deltas[n]).arrays(n))
+                tmp = out / f".{label}.magnitudes.{os.getpid()}.tmp"
+                save_safetensors(tables, tmp)
+                os.replace(tmp, stats)
         return out
 
 
@@ -255,7 +288,8 @@ class ResidentModel:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         state = dict(self.model.named_parameters())
         state.update(dict(self.model.named_buffers()))
@@ -276,62 +310,110 @@ def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:
 
 
 class MergeRuntime(ResidentModel):
-    """A worker's resident model and the memory-mapped inputs it merges from."""
+    """A worker's resident model and the merge inputs, placed by the worker's memory plan (`inputs.py`).
+
+    A candidate is one pass over every merged tensor in slices (`kernels.py`): candidate-independent
+    statistics (magnitude tables, slerp's cosines) were computed once, so each slice is elementwise
+    arithmetic, compiled into one fused kernel (`space.kernel`) or run eagerly.
+    """
+
+    EAGER_SLICE = 1 << 20  # elements per eager slice: bounded temporaries on any device
 
     def __init__(self, space: HFMergeSpace, device: str):
+        import torch
+
+        from .inputs import MergeInputs
+        from .kernels import MagnitudeTable, slerp_stats, spec_for, tensor_key
+        from .memplan import make_plan
+        from .pool import Checkpoint, _mapped
+
         super().__init__(space.base_path, space.base.names(), space.cfg.dtype, device)
         self.space = space
-        from .pool import Checkpoint
+        cfg = space.cfg
+        method, labels = cfg.method, space.labels
+        self.floats = [n for n, t in self.targets.items() if t.is_floating_point()]
+        tv_dir = space.prepare() if method not in ("linear", "slerp") else None
+        sources, kinds = {}, {}
+        for n in self.floats:
+            if method == "linear":
+                sources[n] = [space.experts[lbl].tensor(n) for lbl in labels]
+                kinds[n] = [("expert", lbl) for lbl in labels]
+            elif method == "slerp":
+                sources[n] = [space.base.tensor(n), space.experts[labels[0]].tensor(n)]
+                kinds[n] = [("base", "base"), ("expert", labels[0])]
+            else:
+                tvs = [_mapped(tv_dir / f"{lbl}.safetensors") for lbl in labels]
+                sources[n] = [space.base.tensor(n), *[tv[n] for tv in tvs]]
+                kinds[n] = [("base", "base"), *[("delta", lbl) for lbl in labels]]
+        self.sources = sources
+        gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        shapes = space.base.slices()
+        self.plan = make_plan(shapes, method=method, labels=labels, resident_dtype=str(self.model.dtype)[6:],
+                              delta_dtype=cfg.delta_dtype, device=self.device.type, memory=cfg.memory,
+                              gpu_bytes=gpu_bytes, measure_h2d=False)
+        if not self.plan.fits:
+            raise UserError(self.plan.why)
+        tiers = {n: [self.plan.tier(kind, label, n) for kind, label in kinds[n]] for n in self.floats}
+        self.inputs = MergeInputs(sources, tiers, self.device, cfg.memory.slice_mib << 20)
+        self.spec = spec_for(method, 1 if method == "slerp" else len(labels), cfg.normalize)
+        self.tables = {}
+        if method in BAND_METHODS:
+            stats = [_mapped(tv_dir / f"{lbl}.magnitudes.safetensors") for lbl in labels]
+            self.tables = {n: [MagnitudeTable.load(st, n, sources[n][0].numel()) for st in stats] for n in self.floats}
+        self.slerp = {n: slerp_stats(*sources[n]) for n in self.floats} if method == "slerp" else {}
+        self.keys = {}
+        self.compiled = None
+        if cfg.kernel == "compiled" or (cfg.kernel == "auto" and self.device.type == "cuda"):
+            from .kernels import compiled_kernel
 
-        tv_dir = space.prepare()
-        # base, experts and task vectors: zero-copy views of memory-mapped files on CPU (one copy in
-        # the page cache for all workers of a node), copied once to the device when it is a GPU
-        self._cache_gpu = self.device.type == "cuda"
-        tvs = [Checkpoint(tv_dir, {n: tv_dir / f"{label}.safetensors" for n in self.targets})
-               for label in space.labels]
-        self._base, self._deltas, self._experts = {}, {}, {}
-        for n in self.targets:
-            self._base[n] = self._to(space.base.tensor(n))
-            if self.targets[n].is_floating_point():
-                self._deltas[n] = [self._to(tv.tensor(n)) for tv in tvs]
+            self.compiled = compiled_kernel()
+        self._seed_keys = tensor_key
+        self.last_transfer_s = None
 
-    def _to(self, t):
-        return t.to(self.device, non_blocking=True) if self._cache_gpu else t
+    def _keys(self, seed: int, name: str):
+        import torch
 
-    def _expert(self, label: str, name: str):
-        key = (label, name)
-        if key not in self._experts:
-            self._experts[key] = self._to(self.space.experts[label].tensor(name))
-        return self._experts[key]
+        key = (seed, name)
+        if key not in self.keys:
+            self.keys[key] = torch.tensor([self._seed_keys(seed, name, i) for i in range(self.spec.experts)],
+                                          dtype=torch.int64, device=self.device)
+        return self.keys[key]
 
     def materialize(self, recipe: dict):
         """Merge the recipe into the resident model's parameters, in place."""
         import torch
 
-        from .merge import merge_tensor
+        from .kernels import _slice_kernel, slerp_coefficients, slice_params
+        from .merge import linear
 
-        method, labels = recipe["method"], recipe["experts"]
-        normalize = recipe.get("normalize")
+        seed = recipe.get("seed", 0)
+        params, outs = {}, {}
+        kernel = self.compiled or _slice_kernel
+        eager = self.compiled is None
         with torch.no_grad():
-            for name, out in self.targets.items():
-                if not out.is_floating_point():
+            for u in self.inputs.units(self.EAGER_SLICE if eager else None):
+                if u.name not in params:
+                    g = recipe["groups"][self.space.tensor_group[u.name]]
+                    coeffs = slerp_coefficients(self.slerp[u.name], g["t"][0]) if self.spec.method == "slerp" else None
+                    params[u.name] = torch.tensor(slice_params(self.spec, g, self.tables.get(u.name), coeffs),
+                                                  dtype=torch.float32, device=self.device)
+                    outs[u.name] = self.targets[u.name].data.view(-1)
+                out = outs[u.name][u.offset:u.offset + u.n]
+                p = params[u.name]
+                if eager and self.spec.method == "linear":  # merge.linear: in place, mergekit's order
+                    xs = [v.float() for v in u.views]
+                    if out.dtype == torch.float32:
+                        linear(xs, p[:, 0].tolist(), out, normalize=self.spec.normalize)
+                    else:
+                        out.copy_(linear(xs, p[:, 0].tolist(), torch.empty_like(xs[0]),
+                                         normalize=self.spec.normalize))
                     continue
-                p = recipe["groups"][self.space.tensor_group[name]]
-                base = self._base[name].to(torch.float32)
-                kw = dict(weights=p.get("weight"), density=p.get("density"), gamma=p.get("gamma"),
-                          normalize=normalize, seed=recipe.get("seed", 0))
-                if method == "slerp":
-                    experts, kw = [self._expert(labels[0], name).float()], {"t": p["t"][0]}
-                elif method == "linear":
-                    experts = [self._expert(lbl, name).float() for lbl in labels]
-                else:  # task-vector methods read the precomputed deltas (the list only gives the count)
-                    experts = kw["deltas"] = self._deltas[name]
-                if out.dtype == torch.float32:
-                    merge_tensor(method, name, base, experts, out, **kw)
-                else:
-                    tmp = torch.empty_like(base)
-                    merge_tensor(method, name, base, experts, tmp, **kw)
-                    out.copy_(tmp)
+                base = u.views[0] if self.spec.method != "linear" else None
+                inputs = u.views[1:] if self.spec.method != "linear" else u.views
+                offset = torch.tensor(u.offset, dtype=torch.int64, device=self.device)
+                kernel(self.spec, out, base, inputs, p, offset,
+                       self._keys(seed, u.name) if self.spec.masked == "dare" else None)
+        self.last_transfer_s = self.inputs.transfer_s
         return self.model
 
     def weight_gradient(self, recipe: dict, loss_fn, materialized: bool = False) -> tuple[float, dict[str, list[float]]]:
@@ -367,15 +449,14 @@ class MergeRuntime(ResidentModel):
                         continue
                     g = self.space.tensor_group[name]
                     grad = p.grad.float().reshape(-1)
-                    xs = ([self._expert(lbl, name) for lbl in recipe["experts"]] if method == "linear"
-                          else self._deltas[name])
+                    xs = self.sources[name] if method == "linear" else self.sources[name][1:]
                     dots = [float(torch.dot(grad, x.float().reshape(-1).to(grad.device))) for x in xs]
                     if normalize:
                         w = recipe["groups"][g]["weight"]
                         total = float(sum(w))
                         merged = p.float().reshape(-1)
                         if method != "linear":
-                            merged = merged - self._base[name].float().reshape(-1).to(grad.device)
+                            merged = merged - self.sources[name][0].float().reshape(-1).to(grad.device)
                         gm = float(torch.dot(grad, merged))
                         dots = [(d - gm) / total if total else 0.0 for d in dots]
                     for k, d in enumerate(dots):

@@ -3,21 +3,22 @@
 Each operator merges one tensor of the base model with the matching tensors of the experts
 and writes the result into `out` (a parameter of a resident model: no new model per
 candidate). Task-vector methods take the experts as deltas (expert - base), computed once
-per run by the caller. DARE's random masks are drawn from a generator seeded per tensor,
-so a recipe always yields the same model.
+per run by the caller. DARE's random masks are a hash of (recipe seed, tensor,
+expert, element), so a recipe always yields the same model. These are the reference operators
+(one tensor, selection per call); the search runs merge through `kernels.py`, which computes the
+selection statistics once per run and gives the same tensors.
 
 | method | mergekit semantics |
 | --- | --- |
 | linear | sum_i w_i x_i, divided by sum_i w_i when normalize (default true) |
 | task_arithmetic | base + sum_i w_i d_i; / sum_i w_i when normalize (default false) |
-| ties | d_i trimmed to the top `density` share by magnitude, sign election by the sum of w_i d_i, disjoint mean (normalize default true) |
+| ties | d_i trimmed to the top `density` share by magnitude (ties at the threshold kept), sign election by the sum of w_i d_i, disjoint mean (normalize default true) |
 | dare_ties / dare_linear | d_i kept with probability `density` and rescaled by 1/density; with / without sign election |
 | breadcrumbs / breadcrumbs_ties | d_i without the largest `gamma` share and the smallest, keeping `density`; without / with sign election |
 | slerp | spherical interpolation base -> other by `t`, linear when the directions are nearly parallel |
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -29,13 +30,14 @@ Tensor = torch.Tensor
 # sparsification ----------------------------------------------------------------------------
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """1 for the k = max(1, int(density * n)) entries of largest magnitude, else 0 (mergekit's `magnitude`).
+    """1 where |d| is at least the k-th largest magnitude, k = max(1, int(density * n)) (mergekit's
+    `magnitude`), else 0: the k largest entries, and every entry tied with the k-th.
 
-    mergekit takes the first k of an argsort; here the k-th largest magnitude is found by a
-    selection (numpy's introselect on CPU, torch.topk elsewhere) and the mask is a comparison
-    with it: the same entries whenever the k-th largest magnitude is unique. When it is tied,
-    the tied entries of lowest index fill the mask up to k (mergekit's pick among ties
-    depends on its unstable sort).
+    The k-th largest is found by a selection per call (numpy's introselect on CPU, torch.topk
+    elsewhere); the search runs read it from a table computed once per run
+    (`kernels.ties_bounds`), which gives the same mask. mergekit keeps exactly k entries, picking
+    among ties at the threshold by the order of its unstable sort; the masks are the same whenever
+    the k-th largest magnitude is unique.
     """
     if density >= 1:
         return torch.ones_like(delta)
@@ -43,51 +45,49 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    a = delta.detach().reshape(-1).abs()
-    if a.dtype not in (torch.float32, torch.float64):
-        a = a.float()
+    a = _magnitudes(delta)
     if a.device.type == "cpu":
-        flat = a.numpy()
-        thr = float(np.partition(flat, n - k)[n - k])  # the k-th largest magnitude
+        thr = float(np.partition(a.numpy(), n - k)[n - k])  # the k-th largest magnitude
     else:
         thr = float(torch.topk(a, k, sorted=False).values.min())
-    mask = torch.empty(n, dtype=delta.dtype, device=delta.device)
-    torch.ge(a, thr, out=mask)
-    if float(mask.sum(dtype=torch.float64)) > k:  # ties at the threshold: keep the first of them
-        torch.gt(a, thr, out=mask)
-        missing = k - int(mask.sum(dtype=torch.float64))
-        tied = torch.nonzero(a == thr).reshape(-1)[:missing]
-        mask[tied] = 1
-    return mask.view(delta.shape)
+    return (a >= thr).to(delta.dtype).view(delta.shape)
+
+
+def _magnitudes(delta: Tensor) -> Tensor:
+    a = delta.detach().reshape(-1).abs()
+    return a if a.dtype in (torch.float32, torch.float64) else a.float()
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Breadcrumbs: drop the largest `gamma` share, then the smallest, keeping `density`."""
+    """Breadcrumbs: drop the int(gamma * n) largest magnitudes, keep the next int(density * n), drop the rest.
+
+    By value, as the search runs do (`kernels.breadcrumbs_bounds`): entries tied with the first or
+    the last kept magnitude are kept too.
+    """
     if density >= 1:
         return torch.ones_like(delta)
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
-    bottom = n - keep - top
-    if bottom < 0:
-        top, bottom = top + bottom, 0
-    order = torch.sort(delta.abs().reshape(-1).float()).indices
-    mask = torch.zeros_like(delta)
-    mask.view(-1)[order[bottom:n - top]] = 1
-    return mask
+    if keep <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    top = min(top, n - keep)
+    a = _magnitudes(delta)
+    s = torch.sort(a).values
+    lo, hi = s[n - top - keep], s[n - 1 - top]
+    return ((a >= lo) & (a <= hi)).to(delta.dtype).view(delta.shape)
 
 
-def dare_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Bernoulli(density) mask scaled by 1/density (DARE's drop and rescale)."""
+def dare_mask(delta: Tensor, density: float, key: int) -> Tensor:
+    """Bernoulli(density) mask scaled by 1 / density (DARE's drop and rescale). The draw is a hash of
+    (key, element index) (`kernels.uniform`; key = `kernels.tensor_key(seed, tensor, expert)`), so a
+    recipe always yields the same model, on any device, whole or in slices."""
     if density >= 1:
         return torch.ones_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    return keep.to(delta.dtype) / density
+    from .kernels import dare_numbers, uniform
 
-
-def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
-    """A generator seeded by (recipe seed, tensor name, expert index): masks never depend on call order."""
-    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    p, inv = dare_numbers(density)
+    keep = uniform(key, 0, delta.numel(), delta.device).view(delta.shape) < p
+    return keep.to(delta.dtype) * inv
 
 
 # mixing ------------------------------------------------------------------------------------
@@ -176,7 +176,9 @@ def ties(base, deltas, weights, densities, out, normalize: bool = True):
 
 
 def dare(base, deltas, weights, densities, out, *, seed: int, name: str, consensus: bool, normalize: bool = False):
-    masks = [dare_mask(d, p, tensor_generator(seed, name, i)) for i, (d, p) in enumerate(zip(deltas, densities))]
+    from .kernels import tensor_key
+
+    masks = [dare_mask(d, p, tensor_key(seed, name, i)) for i, (d, p) in enumerate(zip(deltas, densities))]
     return mix_deltas(base, deltas, weights, out, masks=masks, consensus=consensus, normalize=normalize)
 
 
@@ -208,7 +210,7 @@ def slerp(t: float, v0: Tensor, v1: Tensor, out: Tensor, dot_threshold: float = 
 
 
 # (uses sign election, normalize default) of the task-vector methods, as in mergekit
-_TASK_VECTOR = {
+TASK_VECTOR = {
     "task_arithmetic": (False, False),
     "ties": (True, True),
     "dare_ties": (True, False),
@@ -216,7 +218,7 @@ _TASK_VECTOR = {
     "breadcrumbs": (False, False),
     "breadcrumbs_ties": (True, False),
 }
-METHODS = ("linear", "slerp", *_TASK_VECTOR)
+METHODS = ("linear", "slerp", *TASK_VECTOR)
 METHOD_DOCS = {  # mergekit's semantics (tests/test_mergekit_parity.py compares the tensors with mergekit-yaml)
     "linear": "weighted average of the models' tensors (normalized by the sum of weights by default)",
     "slerp": "spherical interpolation between the base and one expert at t, tensor by tensor",
@@ -248,9 +250,9 @@ def merge_tensor(method: str, name: str, base: Tensor, experts: Sequence[Tensor]
     weights = [1.0] * n if weights is None else list(weights)
     if method == "linear":
         return linear(experts, weights, out, normalize=True if normalize is None else normalize)
-    if method not in _TASK_VECTOR:
+    if method not in TASK_VECTOR:
         raise ValueError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
-    consensus, default_normalize = _TASK_VECTOR[method]
+    consensus, default_normalize = TASK_VECTOR[method]
     normalize = default_normalize if normalize is None else normalize
     deltas = [e - base for e in experts] if deltas is None else deltas
     density = [1.0] * n if density is None else list(density)

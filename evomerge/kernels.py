@@ -1,0 +1,268 @@
+"""Per-candidate merge kernels over statistics computed once per run.
+
+The per-tensor operators of `merge.py` select, for every candidate, the top entries of every task
+vector (a selection pass over each delta) and then run one kernel per operation per expert. Here
+what does not depend on the candidate is computed once per run:
+
+* `MagnitudeTable`: the magnitudes of one task-vector tensor, from which the magnitude at any rank
+  is read in O(log n): for 16-bit deltas the count of every bit pattern of |d| (at most 32,768
+  distinct magnitudes, a few KiB per tensor); for float32 deltas the sorted magnitudes (memory-mapped
+  from the cache). A TIES / breadcrumbs mask is then a comparison with two numbers.
+* DARE's keep draw is a counter-based hash of (recipe seed, tensor, expert, element index), so a slice
+  of a tensor can be masked anywhere (CPU or GPU, resident or streamed) without a generator.
+* slerp's dot product and norms of (base, expert) per tensor.
+
+A candidate is then one elementwise pass per tensor over the base and every expert's slice
+(`merge_slice`), eager or compiled (torch.compile fuses it into one kernel: one read of each input,
+one write of the output).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+M31 = (1 << 31) - 1
+_C = (0x2545F491, 0x1B873593, 0x4F1BBCDD)  # odd multipliers < 2^31: products of two 31-bit numbers never overflow
+NONE, ALL = (math.inf, -1.0), (-1.0, math.inf)  # (lo, hi) bounds keeping nothing / everything
+
+
+# DARE's keep draw -----------------------------------------------------------------------------
+
+def tensor_key(seed: int, name: str, index: int) -> int:
+    """A 31-bit key of (recipe seed, tensor name, expert index): masks never depend on call order."""
+    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & M31
+
+
+def _mix(idx: Tensor, key) -> Tensor:
+    """A bijective 31-bit integer hash of the element index (multiply / xorshift rounds, no overflow)."""
+    h = torch.bitwise_and(torch.bitwise_xor(idx, key), M31)
+    for c in _C:
+        h = torch.bitwise_and(h * c, M31)
+        h = torch.bitwise_xor(h, h >> 15)
+    return h
+
+
+def uniform(key, offset, n: int, device) -> Tensor:
+    """float32 uniforms in [0, 1) (24 bits) for elements offset .. offset + n - 1 of a tensor."""
+    idx = torch.arange(n, dtype=torch.int64, device=device) + offset
+    return (_mix(idx, key) >> 7).to(torch.float32) * (2.0 ** -24)
+
+
+def dare_numbers(density: float) -> tuple[float, float]:
+    """(density, 1 / density) as float32 numbers: the keep test u < density and DARE's rescale."""
+    p = np.float32(density)
+    return float(p), float(np.float32(1.0) / p)
+
+
+# magnitude statistics ---------------------------------------------------------------------------
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class MagnitudeTable:
+    """Magnitudes of one tensor's n entries: `values` ascending; `cum[j]` = entries <= values[j]
+    (None: `values` holds every entry, sorted)."""
+
+    n: int
+    values: np.ndarray
+    cum: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, delta: Tensor) -> "MagnitudeTable":
+        a = delta.detach().reshape(-1).abs()
+        if a.dtype in _HALF:  # every magnitude is one of 32,768 bit patterns: count them
+            counts = torch.bincount(a.view(torch.int16).to(torch.int32), minlength=1 << 15)
+            patterns = torch.nonzero(counts).reshape(-1)
+            values = patterns.to(torch.int16).view(a.dtype).float().numpy()
+            return cls(a.numel(), values, counts[patterns].cumsum(0).numpy())
+        return cls(a.numel(), np.sort(a.to(torch.float32).numpy()))
+
+    def at(self, rank: int) -> float:
+        """The magnitude at descending rank `rank` (0: the largest)."""
+        asc = self.n - 1 - rank
+        if self.cum is None:
+            return float(self.values[asc])
+        return float(self.values[int(np.searchsorted(self.cum, asc, side="right"))])
+
+    def arrays(self, prefix: str) -> dict[str, Tensor]:
+        out = {f"{prefix}:values": torch.from_numpy(np.ascontiguousarray(self.values, np.float32))}
+        if self.cum is not None:
+            out[f"{prefix}:cum"] = torch.from_numpy(np.ascontiguousarray(self.cum, np.int64))
+        return out
+
+    @classmethod
+    def load(cls, arrays: dict[str, Tensor], prefix: str, n: int) -> "MagnitudeTable":
+        cum = arrays.get(f"{prefix}:cum")
+        return cls(n, arrays[f"{prefix}:values"].numpy(), None if cum is None else cum.numpy())
+
+
+def ties_bounds(table: MagnitudeTable, density: float) -> tuple[float, float]:
+    """Keep the k = max(1, int(density * n)) largest magnitudes: |d| >= the k-th largest (ties at it kept)."""
+    if density >= 1:
+        return ALL
+    if density <= 0 or table.n == 0:
+        return NONE
+    return table.at(max(1, int(density * table.n)) - 1), math.inf
+
+
+def breadcrumbs_bounds(table: MagnitudeTable, density: float, gamma: float) -> tuple[float, float]:
+    """Drop the int(gamma * n) largest, keep the next int(density * n): lo <= |d| <= hi (ties at both kept)."""
+    if density >= 1:
+        return ALL
+    n = table.n
+    keep, top = int(density * n), int(gamma * n)
+    if keep <= 0 or n == 0:
+        return NONE
+    top = min(top, n - keep)
+    return table.at(top + keep - 1), table.at(top)
+
+
+# one slice of one tensor -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """The candidate-independent shape of a merge: which terms the kernel computes."""
+
+    method: str  # linear, slerp, or a task-vector method
+    experts: int
+    masked: str = ""  # "", "band" (ties / breadcrumbs bounds) or "dare"
+    consensus: bool = False
+    normalize: bool = False
+
+
+def _tv(spec: SliceSpec, base: Tensor, deltas: Sequence[Tensor], p: Tensor, offset, keys) -> Tensor:
+    """base + combined deltas for one slice, in float32 (float64 inputs: float64), mergekit's order.
+
+    p: (experts, 5) per expert [weight, lo or density, hi, 1 / density, sum of weights]; masks: band
+    lo <= |d| <= hi, dare uniform < density (the kept delta rescaled by 1 / density before weighting).
+    """
+    dt = torch.float64 if base.dtype == torch.float64 else torch.float32
+    xs = []
+    for i, d in enumerate(deltas):
+        d = d.to(dt)
+        if spec.masked == "band":
+            a = d.abs()
+            d = torch.where((a >= p[i, 1]) & (a <= p[i, 2]), d, 0.0)
+        elif spec.masked == "dare":
+            u = uniform(keys[i], offset, d.numel(), d.device).view(d.shape)
+            d = torch.where(u < p[i, 1], d * p[i, 3], 0.0)
+        xs.append(d * p[i, 0])
+    mixed = xs[0]
+    for x in xs[1:]:
+        mixed = mixed + x
+    if spec.consensus:
+        majority = torch.where(mixed >= 0, 1.0, -1.0).to(dt)
+        total = torch.zeros_like(mixed)
+        divisor = torch.zeros_like(mixed)
+        for i, x in enumerate(xs):
+            y = (x * majority).clamp_min(0)
+            total = total + y
+            divisor = divisor + torch.where(y > 0, p[i, 0], 0.0)
+        mixed = total * majority
+        if spec.normalize:
+            mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+    elif spec.normalize:
+        mixed = mixed / p[0, 4]  # 1 when the weights sum to (nearly) 0
+    return base.to(dt) + mixed
+
+
+def _linear(spec: SliceSpec, xs: Sequence[Tensor], p: Tensor) -> Tensor:
+    dt = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    out = xs[0].to(dt) * p[0, 0]
+    for i, x in enumerate(xs[1:], 1):
+        out = out + x.to(dt) * p[i, 0]
+    if spec.normalize:
+        out = out / p[0, 4]
+    return out
+
+
+def _slerp(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.to(dt) * p[0, 0] + b.to(dt) * p[0, 1]
+
+
+def _slice_kernel(spec: SliceSpec, out: Tensor, base, inputs, p, offset, keys) -> None:
+    if spec.method == "linear":
+        res = _linear(spec, inputs, p)
+    elif spec.method == "slerp":
+        res = _slerp(base, inputs[0], p)
+    else:
+        res = _tv(spec, base, inputs, p, offset, keys)
+    out.copy_(res)
+
+
+_COMPILED = {}
+
+
+def compiled_kernel():
+    """The slice kernel compiled by torch.compile (one fused pass; compiled once per process and
+    argument layout, shapes dynamic)."""
+    if "k" not in _COMPILED:
+        _COMPILED["k"] = torch.compile(_slice_kernel, dynamic=True)
+    return _COMPILED["k"]
+
+
+def spec_for(method: str, experts: int, normalize: bool | None) -> SliceSpec:
+    from .merge import TASK_VECTOR
+
+    if method == "linear":
+        return SliceSpec("linear", experts, normalize=True if normalize is None else normalize)
+    if method == "slerp":
+        return SliceSpec("slerp", 1)
+    consensus, default = TASK_VECTOR[method]
+    masked = "band" if method in ("ties", "breadcrumbs", "breadcrumbs_ties") else \
+        "dare" if method.startswith("dare") else ""
+    return SliceSpec(method, experts, masked, consensus, default if normalize is None else normalize)
+
+
+def slice_params(spec: SliceSpec, group: dict, tables=None, slerp_coeffs=None) -> list[list[float]]:
+    """The (experts, 5) numbers of one tensor for one candidate (see `_tv`)."""
+    if spec.method == "slerp":
+        return [[slerp_coeffs[0], slerp_coeffs[1], 0.0, 1.0, 1.0]]
+    n = spec.experts
+    w = [float(x) for x in group.get("weight", [1.0] * n)]
+    density = [float(x) for x in group.get("density", [1.0] * n)]
+    gamma = [float(x) for x in group.get("gamma", [0.01] * n)]
+    total = float(torch.tensor(w, dtype=torch.float32).sum())
+    if spec.method != "linear" and abs(total) < 1e-8:
+        total = 1.0
+    rows = []
+    for i in range(n):
+        lo, hi, inv = *ALL, 1.0
+        if spec.masked == "band":
+            lo, hi = (ties_bounds(tables[i], density[i]) if spec.method == "ties"
+                      else breadcrumbs_bounds(tables[i], density[i], gamma[i]))
+        elif spec.masked == "dare":
+            lo, inv = dare_numbers(density[i]) if density[i] < 1 else (2.0, 1.0)  # u < 2: always kept
+        rows.append([w[i], lo, hi, inv, total])
+    return rows
+
+
+def slerp_coefficients(stats: tuple[float, float, float], t: float, dtype=torch.float32,
+                       dot_threshold: float = 0.9995) -> tuple[float, float]:
+    """(ca, cb) with slerp(t) = ca * base + cb * expert, from the tensor's cosine (see merge.slerp)."""
+    dot = stats[0]
+    tt = torch.tensor(t, dtype=dtype)
+    if abs(dot) > dot_threshold:
+        return float(1 - tt), float(tt)
+    theta = torch.acos(torch.tensor(dot, dtype=dtype))
+    s = torch.sin(theta)
+    return float(torch.sin((1 - tt) * theta) / s), float(torch.sin(tt * theta) / s)
+
+
+def slerp_stats(a: Tensor, b: Tensor, eps: float = 1e-8) -> tuple[float, float, float]:
+    """The cosine of two tensors, as merge.slerp computes it (norms below eps taken as 1)."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = torch.where(na > eps, na, 1)
+    nb = torch.where(nb > eps, nb, 1)
+    return float(((a / na) * (b / nb)).sum().clamp(-1, 1)), float(na), float(nb)
