@@ -71,7 +71,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                         "stderr is not a terminal)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --config: print a summary of the search: its dimension, the parameter layout and the "
-                        "recipe at the centre of the space (--verbose: all of it), then exit; starts no "
+                        "recipe at the centre of the space (--verbose: all of it) and, for an hf_merge space, "
+                        "each worker's memory plan, then exit; starts no "
                         "workers and writes nothing")
     p.add_argument("--verbose", action="store_true", help="with --dry-run: every coordinate of the layout and "
                    "the whole recipe (default: a compact summary)")
@@ -163,7 +164,28 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
           f"budget: {cfg.budget.max_evals or '-'} evaluations / {cfg.budget.max_seconds or '-'} s")
     if not full:
         print("(--verbose: every coordinate and the whole recipe)")
+    if cfg.space.name == "hf_merge":
+        from .memplan import plan_for_space
+
+        for line in plan_for_space(cfg.space, _workers_per_node(cfg)).lines():
+            print(line)
     return 0
+
+
+def _workers_per_node(cfg) -> int:
+    """Workers sharing a node's host memory: all of them in a local run; one assumed on a cluster."""
+    return cfg.engine.workers if cfg.engine.address == "local" else 1
+
+
+def _check_memory(cfg) -> None:
+    """Refuse, before the run directory and Ray, a merge space whose worker's memory plan does not fit (from
+    headers and configs: no weights are loaded, nothing is allocated on a GPU, the bandwidth is not measured)."""
+    if cfg.space.name == "hf_merge":
+        from .memplan import plan_for_space
+
+        plan = plan_for_space(cfg.space, _workers_per_node(cfg), measure_h2d=False)
+        if not plan.fits:
+            raise UserError(plan.why)
 
 
 def default_out(config: str) -> Path:
@@ -195,11 +217,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.config:
             raise UserError("give --config YAML (a new run) or --resume RUN_DIR")
         cfg = load_config(args.config, args.set)
+        _check_memory(cfg)
         out = Path(args.out) if args.out else default_out(args.config)
         run = RunDir.claim(out)  # created and locked, before anything starts; removed if we stop early
     try:
         if args.resume:
             cfg = validate(apply_sets(read_yaml(out / "config.yaml"), args.set))
+            _check_memory(cfg)
         summary = _search(args, cfg, run, t_start)
     finally:
         run.close()
