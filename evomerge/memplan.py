@@ -368,7 +368,7 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
                   method=method, labels=labels, workers_per_node=workers_per_node, host_budget=host_budget,
                   inputs_bytes=total, inputs_per_tensor=len(kinds), params=params, tensors=len(groups))
 
-    def _plan(tiers, staging, fits=True, why="", h2d=(ASSUMED_H2D_GBPS, "assumed")) -> Plan:
+    def _plan(tiers, staging, fits=True, why="") -> Plan:
         per = dict.fromkeys(TIERS, 0)
         streamed_tensors = set()
         for name, items, _ in groups:
@@ -380,6 +380,11 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
                 if t != "device":
                     streamed_tensors.add(name)
         streamed = per["host"] + per["disk"]
+        h2d = (ASSUMED_H2D_GBPS, "assumed")
+        if memory.h2d_gbps is not None:
+            h2d = (memory.h2d_gbps, "memory.h2d_gbps")
+        elif streamed and device == "cuda" and measure_h2d and local_cuda():
+            h2d = (measure_h2d_gbps(), "measured")
         return Plan(tiers=tiers, staging=staging, bytes_per_tier=per, streamed_bytes=streamed,
                     h2d_gbps=h2d[0], h2d_source=h2d[1], transfer_s=streamed / (h2d[0] * 1e9),
                     fits=fits, why=why, streamed_tensors=len(streamed_tensors), notes=tuple(notes), **common)
@@ -391,13 +396,17 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
     if budget is None:
         return _plan(_all("device"), 0)
     if resident + reserve > budget:
-        wide = any(d in ("F32", "F64") and (res_dt or d) in ("F32", "F64") for _, d in tensors.values())
+        # only what would help: a 16-bit resident model, a larger budget on this GPU, a smaller reserve
+        half = 0  # the resident model with every wider floating-point tensor in bfloat16
+        for s, d in tensors.values():
+            kept = (res_dt or d) if d in FLOATING else d
+            half += _nbytes(s, "BF16" if d in FLOATING and DTYPE_BYTES[kept] > 2 else kept)
         hints = ["a GPU with more memory" if device == "cuda" else "a larger memory.budget_gib"]
-        if wide:
+        if half < resident and half <= budget:
             hints.append("space.dtype: bfloat16")
-        if device == "cuda" and memory.budget_gib is not None:
+        if device == "cuda" and memory.budget_gib is not None and gpu_bytes and resident + reserve < gpu_bytes:
             hints.append("a larger memory.budget_gib")
-        if reserve:
+        if reserve and resident < budget:
             hints.append("a smaller memory.reserve_gib")
         hint = ", ".join(hints[:-1]) + " or " + hints[-1] if len(hints) > 1 else hints[0]
         why = (f"space.memory: the resident model ({gib(resident)} in {resident_dtype}) and the reserve "
@@ -428,12 +437,7 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
     if any(t == "disk" for t in tiers.values()):
         notes.append("the disk tier streams at page-cache speed only while the files stay cached; raise "
                      "memory.host_gib (the node's RAM permitting) to pin more")
-    h2d = (ASSUMED_H2D_GBPS, "assumed")
-    if memory.h2d_gbps is not None:
-        h2d = (memory.h2d_gbps, "memory.h2d_gbps")
-    elif device == "cuda" and measure_h2d and local_cuda():
-        h2d = (measure_h2d_gbps(), "measured")
-    return _plan(tiers, staging, h2d=h2d)
+    return _plan(tiers, staging)
 
 
 # this machine's GPU ------------------------------------------------------------------------------

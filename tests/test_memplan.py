@@ -230,12 +230,16 @@ def test_staging_is_capped_by_the_slice():
 
 def test_resident_model_too_big_is_refused_with_the_sizes():
     t = {"w": ((3 * GIB // 4,), "F32")}  # 3 GiB in float32
-    p = plan(t, resident="float32", device="cuda", gpu_bytes=2 * GIB)
-    assert not p.fits and p.budget == int(0.9 * 2 * GIB) and p.reserve == GIB
-    for part in ("3.00 GiB in float32", "reserve (1.00 GiB)", "budget (1.80 GiB of a 2.00 GiB GPU)",
+    p = plan(t, resident="float32", device="cuda", gpu_bytes=4 * GIB)
+    assert not p.fits and p.budget == int(0.9 * 4 * GIB) and p.reserve == GIB
+    for part in ("3.00 GiB in float32", "reserve (1.00 GiB)", "budget (3.60 GiB of a 4.00 GiB GPU)",
                  "a GPU with more memory", "space.dtype: bfloat16", "memory.reserve_gib"):
         assert part in p.why, (part, p.why)
     assert "\n" not in p.why and p.lines()[-1] == f"  does not fit: {p.why}"
+    assert not p.tiers and p.streamed_bytes == 0
+    # only what would help: neither bfloat16 (1.5 GiB) nor a smaller reserve fits 3 GiB in 0.9 GiB
+    hopeless = plan(t, resident="float32", device="cuda", gpu_bytes=GIB)
+    assert not hopeless.fits and hopeless.why.endswith("use a GPU with more memory")
     assert plan(t, resident="bfloat16", device="cuda", gpu_bytes=2 * GIB).fits is False
     # the reserve: 10% of the GPU, at least 1 GiB; the budget 90%
     big = plan(t, resident="bfloat16", device="cuda", gpu_bytes=40 * GIB)
@@ -353,3 +357,18 @@ def test_dry_run_prints_the_plan(tmp_path, capfd):
     assert "memory plan (the CPU, per worker; 1 worker per node):" in text
     assert "nothing streams" in text and text.rstrip().endswith("fits")
     assert not (tmp_path / "tv").exists()  # a dry run writes nothing
+
+
+def test_bandwidth_is_measured_only_on_a_local_gpu_when_something_streams(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memplan, "local_cuda", lambda: True)
+    monkeypatch.setattr(memplan, "measure_h2d_gbps", lambda: calls.append(1) or 12.5)
+    t = {"w": ((64 * MIB,), "BF16")}
+    streaming = MemoryConfig(budget_gib=1.5, reserve_gib=1, slice_mib=8)
+    p = plan(t, device="cuda", gpu_bytes=4 * GIB, memory=streaming)
+    assert (p.h2d_gbps, p.h2d_source, p.h2d_measured, len(calls)) == (12.5, "measured", True, 1)
+    assert p.transfer_s == pytest.approx(p.streamed_bytes / 12.5e9)
+    assert plan(t, device="cuda", gpu_bytes=4 * GIB, memory=streaming, measure_h2d=False).h2d_source == "assumed"
+    assert plan(t, device="cuda", gpu_bytes=40 * GIB).streamed_bytes == 0  # everything resident: nothing timed
+    assert plan(t, device="cuda", gpu_bytes=40 * GIB, memory=MemoryConfig(h2d_gbps=3)).h2d_gbps == 3
+    assert len(calls) == 1
