@@ -88,7 +88,8 @@ class HFMergeSpaceConfig(Frozen):
         "auto", description="dtype of the resident model; auto: the checkpoint's (config.json torch_dtype)")
     kernel: Literal["auto", "compiled", "eager"] = Field(
         "auto", description="per-candidate merge arithmetic: compiled (torch.compile, one fused pass per slice; "
-                            "needs a C++ compiler on CPU), eager (torch ops), auto: compiled on a GPU")
+                            "needs a C++ compiler on CPU; eager if compiling fails), eager (torch ops); auto: "
+                            "compiled on a GPU, and on CPU for task-vector methods on models of 10M+ parameters")
     delta_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the stored task vectors (expert - base); auto: each tensor's dtype in the "
                             "base checkpoint (bf16 models: bf16 deltas)")
@@ -309,6 +310,17 @@ def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:
     (Path(directory) / "info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def auto_compiled(device: str, method: str, params: int) -> bool:
+    """kernel: auto. On CPU a compile (~10-30 s once per worker) pays for itself on task-vector merges of
+    large models (TIES on a 100M-parameter model: 0.12 s compiled, 4.3 s eager); linear is at memory
+    bandwidth eagerly (bench/merge_throughput.py)."""
+    import shutil
+
+    if device == "cuda":
+        return True
+    return method not in ("linear", "slerp") and params >= 10_000_000 and shutil.which("g++") is not None
+
+
 class MergeRuntime(ResidentModel):
     """A worker's resident model and the merge inputs, placed by the worker's memory plan (`inputs.py`).
 
@@ -317,13 +329,11 @@ class MergeRuntime(ResidentModel):
     arithmetic, compiled into one fused kernel (`space.kernel`) or run eagerly.
     """
 
-    EAGER_SLICE = 1 << 20  # elements per eager slice: bounded temporaries on any device
-
     def __init__(self, space: HFMergeSpace, device: str):
         import torch
 
         from .inputs import MergeInputs
-        from .kernels import MagnitudeTable, slerp_stats, spec_for, tensor_key
+        from .kernels import MagnitudeTable, Merger, slerp_stats, spec_for
         from .memplan import make_plan
         from .pool import Checkpoint, _mapped
 
@@ -355,64 +365,22 @@ class MergeRuntime(ResidentModel):
             raise UserError(self.plan.why)
         tiers = {n: [self.plan.tier(kind, label, n) for kind, label in kinds[n]] for n in self.floats}
         self.inputs = MergeInputs(sources, tiers, self.device, cfg.memory.slice_mib << 20)
-        self.spec = spec_for(method, 1 if method == "slerp" else len(labels), cfg.normalize)
-        self.tables = {}
+        tables = {}
         if method in BAND_METHODS:
             stats = [_mapped(tv_dir / f"{lbl}.magnitudes.safetensors") for lbl in labels]
-            self.tables = {n: [MagnitudeTable.load(st, n, sources[n][0].numel()) for st in stats] for n in self.floats}
-        self.slerp = {n: slerp_stats(*sources[n]) for n in self.floats} if method == "slerp" else {}
-        self.keys = {}
-        self.compiled = None
-        if cfg.kernel == "compiled" or (cfg.kernel == "auto" and self.device.type == "cuda"):
-            from .kernels import compiled_kernel
-
-            self.compiled = compiled_kernel()
-        self._seed_keys = tensor_key
+            tables = {n: [MagnitudeTable.load(st, n, sources[n][0].numel()) for st in stats] for n in self.floats}
+        compiled = cfg.kernel == "compiled" or (cfg.kernel == "auto" and auto_compiled(
+            self.device.type, method, sum(t.numel() for t in self.targets.values())))
+        self.merger = Merger(spec_for(method, 1 if method == "slerp" else len(labels), cfg.normalize), self.device,
+                             tables, {n: slerp_stats(*sources[n]) for n in self.floats} if method == "slerp" else {},
+                             compiled)
         self.last_transfer_s = None
-
-    def _keys(self, seed: int, name: str):
-        import torch
-
-        key = (seed, name)
-        if key not in self.keys:
-            self.keys[key] = torch.tensor([self._seed_keys(seed, name, i) for i in range(self.spec.experts)],
-                                          dtype=torch.int64, device=self.device)
-        return self.keys[key]
 
     def materialize(self, recipe: dict):
         """Merge the recipe into the resident model's parameters, in place."""
-        import torch
-
-        from .kernels import _slice_kernel, slerp_coefficients, slice_params
-        from .merge import linear
-
-        seed = recipe.get("seed", 0)
-        params, outs = {}, {}
-        kernel = self.compiled or _slice_kernel
-        eager = self.compiled is None
-        with torch.no_grad():
-            for u in self.inputs.units(self.EAGER_SLICE if eager else None):
-                if u.name not in params:
-                    g = recipe["groups"][self.space.tensor_group[u.name]]
-                    coeffs = slerp_coefficients(self.slerp[u.name], g["t"][0]) if self.spec.method == "slerp" else None
-                    params[u.name] = torch.tensor(slice_params(self.spec, g, self.tables.get(u.name), coeffs),
-                                                  dtype=torch.float32, device=self.device)
-                    outs[u.name] = self.targets[u.name].data.view(-1)
-                out = outs[u.name][u.offset:u.offset + u.n]
-                p = params[u.name]
-                if eager and self.spec.method == "linear":  # merge.linear: in place, mergekit's order
-                    xs = [v.float() for v in u.views]
-                    if out.dtype == torch.float32:
-                        linear(xs, p[:, 0].tolist(), out, normalize=self.spec.normalize)
-                    else:
-                        out.copy_(linear(xs, p[:, 0].tolist(), torch.empty_like(xs[0]),
-                                         normalize=self.spec.normalize))
-                    continue
-                base = u.views[0] if self.spec.method != "linear" else None
-                inputs = u.views[1:] if self.spec.method != "linear" else u.views
-                offset = torch.tensor(u.offset, dtype=torch.int64, device=self.device)
-                kernel(self.spec, out, base, inputs, p, offset,
-                       self._keys(seed, u.name) if self.spec.masked == "dare" else None)
+        groups = {n: recipe["groups"][self.space.tensor_group[n]] for n in self.floats}
+        outs = {n: self.targets[n].data.view(-1) for n in self.floats}  # targets may be re-pointed (tests)
+        self.merger.run(self.inputs, outs, groups, recipe.get("seed", 0))
         self.last_transfer_s = self.inputs.transfer_s
         return self.model
 

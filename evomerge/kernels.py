@@ -266,3 +266,72 @@ def slerp_stats(a: Tensor, b: Tensor, eps: float = 1e-8) -> tuple[float, float, 
     na = torch.where(na > eps, na, 1)
     nb = torch.where(nb > eps, nb, 1)
     return float(((a / na) * (b / nb)).sum().clamp(-1, 1)), float(na), float(nb)
+
+
+class Merger:
+    """One candidate's pass over every merged tensor: `run(inputs, outs, groups, seed)` writes each
+    slice of `inputs.units()` into `outs[name]` (flat views of the resident model's tensors) with the
+    tensor's group of recipe parameters (weight, density, gamma or t per expert)."""
+
+    EAGER_SLICE = 1 << 20  # elements per eager slice: bounded temporaries for any tensor size
+
+    def __init__(self, spec: SliceSpec, device, tables: dict | None = None, slerp: dict | None = None,
+                 compiled: bool = False):
+        self.spec, self.device = spec, torch.device(device)
+        self.tables, self.slerp = tables or {}, slerp or {}
+        self.kernel = compiled_kernel() if compiled else None
+        self._compiled_ok = False
+        self._keys = {}
+
+    def _first_compiled(self, inputs, outs, groups, seed) -> None:
+        """The first compiled pass compiles; if compiling fails (no C++ compiler, an unsupported device),
+        say so once and merge eagerly from then on: the same arithmetic."""
+        import sys
+
+        try:
+            self._compiled_ok = True
+            self.run(inputs, outs, groups, seed)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager kernel computes the same
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"warning: space.kernel: compiling the merge kernel failed ({type(e).__name__}: {first}); "
+                  f"merging eagerly", file=sys.stderr)
+            self.kernel = None
+            self.run(inputs, outs, groups, seed)
+
+    def keys(self, seed: int, name: str) -> Tensor:
+        if (seed, name) not in self._keys:
+            self._keys[(seed, name)] = torch.tensor([tensor_key(seed, name, i) for i in range(self.spec.experts)],
+                                                    dtype=torch.int64, device=self.device)
+        return self._keys[(seed, name)]
+
+    def params(self, name: str, group: dict) -> Tensor:
+        coeffs = slerp_coefficients(self.slerp[name], group["t"][0]) if self.spec.method == "slerp" else None
+        return torch.tensor(slice_params(self.spec, group, self.tables.get(name), coeffs), dtype=torch.float32,
+                            device=self.device)
+
+    def run(self, inputs, outs: dict, groups: dict, seed: int = 0) -> None:
+        from .merge import linear
+
+        if self.kernel is not None and not self._compiled_ok:
+            self._first_compiled(inputs, outs, groups, seed)
+            return
+        spec, eager = self.spec, self.kernel is None
+        kernel = self.kernel or _slice_kernel
+        params = {}
+        with torch.no_grad():
+            for u in inputs.units(self.EAGER_SLICE if eager else None):
+                if u.name not in params:
+                    params[u.name] = self.params(u.name, groups[u.name])
+                p, out = params[u.name], outs[u.name][u.offset:u.offset + u.n]
+                if eager and spec.method == "linear":  # merge.linear: in place, mergekit's order
+                    xs = [v.float() for v in u.views]
+                    w = p[:, 0].tolist()
+                    if out.dtype == torch.float32:
+                        linear(xs, w, out, normalize=spec.normalize)
+                    else:
+                        out.copy_(linear(xs, w, torch.empty_like(xs[0]), normalize=spec.normalize))
+                    continue
+                tv = spec.method != "linear"
+                offset = torch.tensor(u.offset, dtype=torch.int64, device=self.device)
+                kernel(spec, out, u.views[0] if tv else None, u.views[1:] if tv else u.views, p, offset,
+                       self.keys(seed, u.name) if spec.masked == "dare" else None)
