@@ -8,7 +8,7 @@ A worker of an `hf_merge` space holds its *resident model* (the model merged int
 * `linear`: one full expert per expert (no base); `slerp`: the base and its one expert.
 
 Base and experts keep their checkpoint dtype. Each input is placed in a tier: `device` (beside the
-resident model), `host` (pinned host memory: one copy per node, shared by its workers) or `disk`
+resident model), `host` (host memory: the page cache of the memory-mapped files, read ahead at start-up, one copy per node shared by its workers; copied to the GPU through pinned staging buffers) or `disk`
 (memory-mapped from the safetensors files, read through the page cache). What is not on the device is
 streamed to it for every candidate, in slices of at most `memory.slice_mib` MiB per input,
 double-buffered, so streaming costs staging buffers of 2 x (inputs of one tensor) x min(slice, largest
@@ -56,8 +56,9 @@ class MemoryConfig(Frozen):
     reserve_gib: float | None = Field(None, ge=0, description="part of the budget kept for the fitness's working "
                                                               "memory (activations), GiB (default: 10% of the GPU, "
                                                               "at least 1; 0 on CPU)")
-    host_gib: float | None = Field(None, ge=0, description="host memory for pinned copies of the inputs, shared by "
-                                                           "the workers of a node, GiB (default: half the node's RAM)")
+    host_gib: float | None = Field(None, ge=0, description="host memory for the host tier (inputs kept in the page "
+                                                           "cache), shared by the workers of a node, GiB (default: "
+                                                           "half the node's RAM)")
     gpu_gib: float | None = Field(None, gt=0, description="GPU memory to plan for when planning on a machine "
                                                           "without that GPU (default: detected)")
     h2d_gbps: float | None = Field(None, gt=0, description="host-to-device bandwidth for the plan's transfer "
@@ -250,7 +251,7 @@ class Plan:
     method: str = ""
     labels: tuple[str, ...] = ()
     workers_per_node: int = 1
-    host_budget: int = 0             # pinned host memory the node may use for the host tier
+    host_budget: int = 0             # host memory the node may use for the host tier
     inputs_bytes: int = 0            # every merge input, wherever it lives
     inputs_per_tensor: int = 0
     params: int = 0                  # parameters of the model (elements of its tensors)
@@ -283,7 +284,7 @@ class Plan:
                f"{self.tensors} tensors)",
                f"  budget {gib(self.budget)}{gpu}, reserve {gib(self.reserve)}, staging {gib(self.staging)}"]
         per = {"device": "per worker, beside the resident model",
-               "host": f"pinned, one copy per node shared by its workers (budget {gib(self.host_budget)})",
+               "host": f"in host memory (page cache, read ahead), one copy per node (budget {gib(self.host_budget)})",
                "disk": "memory-mapped, read through the page cache"}
         if self.device == "cpu" and not self.streamed_bytes:
             per["device"] = "read in place from the memory-mapped files (page cache, shared by a node's workers)"

@@ -36,7 +36,8 @@ def test_dry_run_prints_a_compact_plan_and_all_of_it_with_verbose(cli, setup):
     assert r.returncode == 0, r.stderr
     assert "dimension: 30" in r.stdout  # (embed, layers.0-1, layers.2-3, norm, head) x 2 params x 3 experts
     assert "layout (30 rows):" in r.stdout and "strategy: cmaes, fitness: lm_tasks" in r.stdout
-    assert len(r.stdout.splitlines()) < 30
+    assert "memory plan (the CPU, per worker; 2 workers per node):" in r.stdout and "nothing streams" in r.stdout
+    assert len(r.stdout.splitlines()) < 40
     r = cli("--config", str(setup / "cfg.yaml"), "--dry-run", "--verbose")
     assert r.returncode == 0, r.stderr
     assert "layers.2-3/density/c [0.1, 1]" in r.stdout
