@@ -335,7 +335,7 @@ class MergeRuntime(ResidentModel):
         from .inputs import MergeInputs
         from .kernels import MagnitudeTable, Merger, slerp_stats, spec_for
         from .memplan import make_plan
-        from .pool import Checkpoint, _mapped
+        from .pool import _mapped
 
         super().__init__(space.base_path, space.base.names(), space.cfg.dtype, device)
         self.space = space
