@@ -41,7 +41,7 @@ class Job:
     recipe: dict | None
     attempts: int = 0  # failed attempts so far
     isolate: bool = False  # dispatched alone (after a failure inside a batch)
-    result: dict | None = None  # fitness, metrics, failed, error, worker, seconds, cached_from
+    result: dict | None = None  # fitness, metrics, failed, error, worker, seconds, cached_from, TIMING_KEYS
     scores: np.ndarray | None = None
     followers: list = field(default_factory=list)  # duplicates waiting for this evaluation
 
@@ -71,6 +71,10 @@ def fingerprint(job: Job):
 
 
 MIN_FAILURES_TO_STOP = 10
+# Seconds per candidate measured in the worker (see FitnessWorker.evaluate), on the records of candidates
+# evaluated (not cached, not failed): merge_s materializing the model, score_s the fitness, transfer_s the
+# host-to-device copies of streamed merge inputs (overlapping the merge: part of merge_s, not added to it).
+TIMING_KEYS = ("merge_s", "transfer_s", "score_s")
 STATS_LINES = 500  # strategy.jsonl: about this many lines over max_evals
 STATS_EVERY_S = 10.0  # ... or one every this many seconds of search (no max_evals)
 
@@ -105,6 +109,7 @@ class Engine:
         self.counts = {"told": 0, "failed": 0, "cached": 0, "retried": 0, "worker_replacements": 0,
                        "timeouts": 0}
         self.busy_seconds = 0.0
+        self.timing = {k: [0.0, 0] for k in TIMING_KEYS}  # key -> [sum, count] over the told records carrying it
         self.elapsed_before = 0.0  # search seconds of earlier sessions of this run
         self.sessions = 0
         self.best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
@@ -277,6 +282,7 @@ class Engine:
                  "scores": pack_scores(j.scores)} for g in self.groups.values() for j in g]
         return {"next_id": self.next_id, "next_group": self.next_group, "jobs": jobs,
                 "counts": dict(self.counts), "busy_seconds": self.busy_seconds,
+                "timing": {k: list(v) for k, v in self.timing.items()},
                 "elapsed": self.elapsed(), "sessions": self.sessions, "best": dict(self.best),
                 "cache": [(k, r, pack_scores(s)) for k, (r, s) in self.cache.items()],
                 "stop_reason": self.stop_reason, "last_failure": self.last_failure,
@@ -294,6 +300,9 @@ class Engine:
             self.jobs[job.id] = job
         self.counts.update(st["counts"])
         self.busy_seconds = st["busy_seconds"]
+        for k, v in (st.get("timing") or {}).items():  # checkpoints of older versions have none
+            if k in self.timing:
+                self.timing[k] = list(v)
         self.elapsed_before = st["elapsed"]
         self.sessions = st["sessions"]
         self.best = st["best"]
@@ -389,7 +398,8 @@ class Engine:
         if hit is not None:
             self.cache.move_to_end(job.key)
             record, scores = hit
-            self._resolve(job, {**record, "cached_from": record["id"], "worker": None, "seconds": 0.0}, scores)
+            self._resolve(job, {**record, "cached_from": record["id"], "worker": None, "seconds": 0.0,
+                                **dict.fromkeys(TIMING_KEYS)}, scores)
         elif job.key in self.leaders:
             self.leaders[job.key].followers.append(job)
         else:
@@ -443,7 +453,8 @@ class Engine:
         if not self.cfg.engine.deterministic:
             self.ready.append(job)
         for f in job.followers:
-            self._resolve(f, {**result, "cached_from": job.id, "worker": None, "seconds": 0.0}, scores)
+            self._resolve(f, {**result, "cached_from": job.id, "worker": None, "seconds": 0.0,
+                              **dict.fromkeys(TIMING_KEYS)}, scores)
         job.followers = []
         if result.get("cached_from") is None and self.cfg.engine.cache_size and job.key is not None:
             self.cache[job.key] = ({**result, "id": job.id}, scores)
@@ -467,6 +478,7 @@ class Engine:
         self.worker_done_at[w] = time.perf_counter()
         self.busy_seconds += out["seconds"]
         per = out["seconds"] / len(task.jobs)
+        timing = out.get("timing") or [None] * len(task.jobs)
         for j, job in enumerate(task.jobs):
             err = out["errors"][j]
             if err is not None and err.startswith("StopRun:"):  # e.g. the API budget is spent: stop cleanly,
@@ -482,6 +494,9 @@ class Engine:
             scores = None if out["scores"] is None else out["scores"][j]
             result = {"fitness": fit, "metrics": metrics, "failed": False, "error": None, "worker": w,
                       "seconds": round(per, 6), "cached_from": None}
+            for k, v in (timing[j] or {}).items():
+                if k in TIMING_KEYS and v is not None and math.isfinite(v):
+                    result[k] = round(max(float(v), 0.0), 6)
             if not np.isfinite(fit):
                 result.update(fitness=None, failed=True, error=f"fitness is {fit}")
             self._resolve(job, result, scores)
@@ -516,6 +531,10 @@ class Engine:
             t = r.get("t") if self.replaying else now  # replayed: the time logged when first told
             if t is not None:
                 record["t"] = t
+            if not r["failed"] and r.get("cached_from") is None:  # a cached or failed record claims no time
+                for k in TIMING_KEYS:
+                    if r.get(k) is not None:
+                        record[k] = r[k]
             if job.attempts:
                 record["attempts"] = job.attempts + (0 if r["failed"] else 1)
             if r.get("cached_from") is not None:
@@ -548,6 +567,10 @@ class Engine:
                     self.counts["cached"] += 1
                 elif self.front is not None:
                     self.front.add(job.id, rec["fitness"], rec["metrics"])
+                for k in TIMING_KEYS:
+                    if k in rec:
+                        self.timing[k][0] += rec[k]
+                        self.timing[k][1] += 1
                 if rec["fitness"] > self.best["fitness"]:
                     self.best = {"fitness": rec["fitness"], "id": job.id, "x": job.cand.x,
                                  "metrics": rec["metrics"]}
@@ -735,6 +758,9 @@ class Engine:
             "timeouts": self.counts["timeouts"],
             "worker_replacements": self.counts["worker_replacements"],
         }
+        per_candidate = self.time_per_candidate()
+        if per_candidate:
+            summary["time_per_candidate"] = per_candidate
         if self.last_failure:
             summary["last_failure"] = self.last_failure
         if self.front is not None:
@@ -752,6 +778,22 @@ class Engine:
             except ray.exceptions.RayError:
                 pass
         return summary
+
+    def time_per_candidate(self) -> dict:
+        """Mean seconds per evaluated candidate (the records of evaluations: not cached, not failed) of
+        what the workers measured: {"candidates": n (the records with score_s), "merge_s", "score_s",
+        "transfer_s": means over the records carrying each}; a key measured on fewer than n records also
+        gets "<key>_candidates". transfer_s overlaps merge_s (the copies run during the merge). Empty
+        when nothing was measured (e.g. a run of an older version)."""
+        n = self.timing["score_s"][1]
+        out: dict = {"candidates": n} if n else {}
+        for k in TIMING_KEYS:
+            total, count = self.timing[k]
+            if count:
+                out[k] = round(total / count, 6)
+                if count != n:
+                    out[f"{k}_candidates"] = count
+        return out
 
     def _live(self) -> list:
         """The ready workers (a starting one may never be: calls to it could wait forever)."""
@@ -784,7 +826,7 @@ class Engine:
         return {"eval_id": best["id"], "fitness": best["fitness"], "metrics": best["metrics"], "holdout": holdout}
 
 
-_RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t")
+_RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t", *TIMING_KEYS)
 
 
 def journal_name(n: int) -> str:

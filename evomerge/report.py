@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import UserError
 
+TIMING_KEYS = ("merge_s", "transfer_s", "score_s")  # per evaluated candidate, as the engine logs them
 MAX_METRICS = 12  # tasks.png: at most this many metrics
 MAX_STATS = 12  # strategy.png: at most this many panels
 MAX_PARETO = 5  # pareto.png: a scatter matrix over at most this many objectives
@@ -56,7 +57,9 @@ writes RUN_DIR/report/ for each run (replaced as a whole when it exists):
   pareto.png    two or more objectives: every evaluation in the plane of the first two (a scatter
                 matrix for more), the Pareto front highlighted
   workers.png   each worker's busy intervals over search time, worker replacements, and the
-                utilization of all workers over time
+                utilization of all workers over time; with the records' timings (merge_s,
+                score_s, transfer_s), each worker's mean seconds per candidate split into merge,
+                scoring and the rest (transfer overlaps the merge: drawn inside it)
 Plots whose data a run lacks are left out and report.md says why (e.g. records without the time
 stamp `t`, logged by older versions: no plots over time).
 
@@ -99,6 +102,7 @@ class Run:
     stats: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     torn: bool = False  # the last line of evals.jsonl was cut off (a run being written, or killed)
+    timing: dict[str, np.ndarray] = field(default_factory=dict)  # merge_s, score_s, transfer_s (NaN: none)
 
     @property
     def strategy(self) -> str:
@@ -150,6 +154,7 @@ def read_run(path: str | Path) -> Run:
             summary = None
 
     ids, fit, failed, cached, worker, seconds, t = [], [], [], [], [], [], []
+    timing: dict[str, list] = {k: [] for k in TIMING_KEYS}
     metrics: dict[str, list] = {}
     torn = False
     loads, nan = json.loads, math.nan
@@ -173,6 +178,11 @@ def read_run(path: str | Path) -> Run:
             seconds.append(nan if s is None else s)
             s = r.get("t")
             t.append(nan if s is None else s)
+            if "score_s" in r:  # timings: absent from cached and failed records, and in older versions
+                for k, col in timing.items():
+                    s = r.get(k)
+                    if type(s) in (float, int):
+                        col.append((i, s))
             m = r.get("metrics")
             if m:
                 for k, v in m.items():
@@ -191,10 +201,18 @@ def read_run(path: str | Path) -> Run:
               cached=np.asarray(cached), worker=np.asarray(worker, np.int64),
               seconds=np.asarray(seconds, np.float64), t=np.asarray(t, np.float64),
               metrics={k: np.asarray(v, np.float64) for k, v in metrics.items()},
-              objectives=_objectives(config, summary), torn=torn)
+              objectives=_objectives(config, summary), torn=torn,
+              timing={k: _sparse(v, n) for k, v in timing.items() if v})
     run.stats = _read_jsonl(path / "strategy.jsonl")
     run.events = _read_jsonl(path / "workers.jsonl")
     return run
+
+
+def _sparse(pairs: list[tuple[int, float]], n: int) -> np.ndarray:
+    out = np.full(n, np.nan)
+    idx, vals = zip(*pairs)
+    out[list(idx)] = vals
+    return out
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -568,8 +586,14 @@ def plot_workers(run: Run, path: Path) -> float:
     workers = run.workers_count()
     end = float(np.nanmax(run.t))
     end = end if end > 0 else 1.0
-    fig = _figure(10, 2.6 + 0.35 * min(workers, 32) + 2.4)
-    top, bottom = fig.subplots(2, 1, height_ratios=(max(1.0, 0.35 * min(workers, 32) + 0.8), 2.2), sharex=True)
+    split = time_split(run)
+    rows = max(1.0, 0.35 * min(workers, 32) + 0.8)
+    heights = (rows, 2.2) + ((rows,) if split else ())
+    fig = _figure(10, 2.6 + 0.35 * min(workers, 32) + 2.4 + (rows + 1.0 if split else 0.0))
+    axes = fig.subplots(len(heights), 1, height_ratios=heights)
+    top, bottom = axes[0], axes[1]
+    top.sharex(bottom)
+    top.tick_params(labelbottom=False)
     gap = end / 2000
     for w in range(workers):
         iv = _merge(intervals.get(w, np.zeros((0, 2))), gap)
@@ -598,8 +622,56 @@ def plot_workers(run: Run, path: Path) -> float:
     bottom.set_xlim(0, end)
     bottom.grid(alpha=0.3)
     bottom.legend(fontsize=8, loc="lower right")
+    if split:
+        _plot_split(axes[2], split)
     _save(fig, path)
     return mean
+
+
+def _split_caption(run: Run) -> str:
+    if "score_s" not in run.timing:
+        return ""
+    parts = ", ".join((["merge"] if "merge_s" in run.timing else []) + ["score", "other"])
+    return (f"; each worker's mean seconds per evaluated candidate: {parts}"
+            + (" (transfer, drawn inside the merge bar, overlaps the merge)" if "transfer_s" in run.timing else ""))
+
+
+def time_split(run: Run) -> dict[int, dict[str, float]]:
+    """Per worker, mean seconds per evaluated candidate (the records with score_s): merge_s, score_s,
+    transfer_s (when measured) and other (the rest of the record's seconds: decoding, packing, ...)."""
+    score = run.timing.get("score_s")
+    if score is None:
+        return {}
+    out = {}
+    for w in np.unique(run.worker[(run.worker >= 0) & np.isfinite(score)]):
+        ok = (run.worker == w) & np.isfinite(score)
+        d = {k: float(np.nanmean(v[ok])) for k, v in run.timing.items() if np.isfinite(v[ok]).any()}
+        busy = float(np.nanmean(run.seconds[ok])) if np.isfinite(run.seconds[ok]).any() else 0.0
+        d["other"] = max(0.0, busy - d.get("merge_s", 0.0) - d["score_s"])
+        out[int(w)] = d
+    return out
+
+
+def _plot_split(ax, split: dict[int, dict[str, float]]) -> None:
+    """One stacked bar per worker: merge, score, other; transfer (overlapping the merge) drawn inside it."""
+    ws = np.array(sorted(split))
+    get = lambda k: np.array([split[w].get(k, 0.0) for w in ws])  # noqa: E731
+    left = np.zeros(len(ws))
+    for k, color, label in (("merge_s", "tab:orange", "merge"), ("score_s", "tab:blue", "score"),
+                            ("other", "lightgray", "other")):
+        v = get(k)
+        if k == "merge_s" and not v.any():
+            continue
+        ax.barh(ws, v, left=left, height=0.8, color=color, label=label)
+        left += v
+    if any("transfer_s" in d for d in split.values()):
+        ax.barh(ws, get("transfer_s"), height=0.3, color="tab:purple", label="transfer (within merge)")
+    ax.set_yticks(ws if len(ws) <= 32 else ws[np.linspace(0, len(ws) - 1, 8).astype(int)])
+    ax.invert_yaxis()
+    ax.set_ylabel("worker")
+    ax.set_xlabel("mean seconds per evaluated candidate (not cached, not failed)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, frameon=False, borderaxespad=0.2)
 
 
 def plot_overlay(runs: list[Run], labels: list[str], path: Path) -> None:
@@ -655,7 +727,18 @@ def _facts(run: Run) -> dict:
         "best_fitness": best.get("fitness", float(run.fitness[best_i]) if best_i >= 0 else None),
         "best_id": best.get("eval_id", int(run.ids[best_i]) if best_i >= 0 else None),
         "holdout": best.get("holdout"),
+        "time_per_candidate": s.get("time_per_candidate") or _time_per_candidate(run),
     }
+
+
+def _time_per_candidate(run: Run) -> dict:
+    """As summary.json's time_per_candidate, from the records (no summary.json: a run still going)."""
+    score = run.timing.get("score_s")
+    if score is None:
+        return {}
+    out = {"candidates": int(np.isfinite(score).sum())}
+    out.update({k: float(np.nanmean(v)) for k, v in run.timing.items()})
+    return out
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -675,6 +758,11 @@ def write_markdown(run: Run, facts: dict, images: list[tuple[str, str]], notes: 
             ("evaluations/s", _fmt(facts["evals_per_s"])),
             ("worker utilization", _fmt(facts["utilization"], 3)
              + (f" ({facts['replacements']} worker replacements)" if facts.get("replacements") else ""))]
+    per = facts.get("time_per_candidate")
+    if per:
+        labels = (("merge_s", "merge"), ("transfer_s", "transfer (within the merge)"), ("score_s", "score"))
+        parts = [f"{label} {per[k]:.4g} s" for k, label in labels if per.get(k) is not None]
+        rows.append(("time per candidate", ", ".join(parts) + f" (mean of {per.get('candidates', '?')} evaluated)"))
     best = "-" if facts["best_fitness"] is None else f"{facts['best_fitness']:.6g} (eval {facts['best_id']})"
     rows.append(("best fitness", best))
     hold = facts.get("holdout")
@@ -772,7 +860,8 @@ def report_run(run: Run) -> tuple[Path, dict]:
             if facts["utilization"] is None:
                 facts["utilization"] = round(util, 4)
             images.append(("workers.png", "each worker's busy intervals over search time (replacements: red x) "
-                                          f"and the busy fraction of all workers (mean {util:.2f})"))
+                                          f"and the busy fraction of all workers (mean {util:.2f})"
+                           + _split_caption(run)))
         timing["plot_s"] = time.perf_counter() - t0
         write_markdown(run, facts, images, notes, out / "report.md")
     return dest, timing

@@ -50,18 +50,26 @@ class FitnessWorker:
         """Score a batch. An exception is caught per candidate: the others still get their scores.
 
         Returns {"fitness": (B,), "scores": (B, n) or None, "metrics": name -> (B,),
-        "errors": [None or 'Type: message'] * B, "seconds", "worker"}.
+        "errors": [None or 'Type: message'] * B, "timing": [None or dict] * B, "seconds", "worker"}.
+
+        timing, per candidate scored (None where it failed): "score_s", the seconds the fitness took
+        (a batch scored at once: its seconds / B; weight_gradient extras count here), and for a model
+        fitness "merge_s", the seconds the runtime took to materialize the candidate (its merge into
+        the resident model), and "transfer_s" when the runtime streamed merge inputs to its device:
+        the seconds of those host-to-device copies, which overlap the merge (part of merge_s, not
+        added to it).
         """
         start = time.perf_counter()
         if not self.model_based and not self.recipe_based:
             try:
                 ev = self.fitness.evaluate(batch)
+                per = {"score_s": (time.perf_counter() - start) / max(len(batch), 1)}
                 out = self._pack([(float(f), None if ev.scores is None else ev.scores[j],
-                                   {k: float(v[j]) for k, v in ev.metrics.items()}, None)
+                                   {k: float(v[j]) for k, v in ev.metrics.items()}, None, dict(per))
                                   for j, f in enumerate(ev.fitness)])
             except Exception as e:  # noqa: BLE001 - find the candidates that raise, score the rest
                 if len(batch) == 1:
-                    out = self._pack([(float("nan"), None, {}, _describe(e))])
+                    out = self._pack([(float("nan"), None, {}, _describe(e), None)])
                 else:
                     out = self._pack([self._one(x) for x in batch])
         else:
@@ -71,13 +79,23 @@ class FitnessWorker:
         return out
 
     def _one(self, x: np.ndarray) -> tuple:
+        """(fitness, scores, metrics, error, timing) of one candidate; see evaluate."""
+        clock = time.perf_counter
         try:
             if self.recipe_based:
-                f, s, m = self.fitness.evaluate_recipe(self.space.decode(x))
-                return float(f), s, dict(m), None
+                recipe = self.space.decode(x)
+                t0 = clock()
+                f, s, m = self.fitness.evaluate_recipe(recipe)
+                return float(f), s, dict(m), None, {"score_s": clock() - t0}
             if self.model_based:
                 recipe = self.space.decode(x)
-                model = self.runtime.materialize(recipe)
+                t0 = clock()
+                model = self.runtime.materialize(recipe)  # the runtime synchronizes its device before returning
+                t1 = clock()
+                timing = {"merge_s": t1 - t0}
+                transfer = getattr(self.runtime, "last_transfer_s", None)  # overlaps the merge: within merge_s
+                if transfer is not None:
+                    timing["transfer_s"] = float(transfer)
                 f, s, m = self.fitness.evaluate_model(model, self.runtime.tokenizer)
                 m = dict(m)
                 if "weight_gradient" in self.extras:
@@ -88,26 +106,29 @@ class FitnessWorker:
                     for g, per in grads.items():
                         for label, v in zip(recipe["experts"], per):
                             m[f"dloss/{g}/{label}"] = v
-                return float(f), s, m, None
+                timing["score_s"] = clock() - t1
+                return float(f), s, m, None, timing
+            t0 = clock()
             ev = self.fitness.evaluate(x[None])
             return (float(ev.fitness[0]), None if ev.scores is None else ev.scores[0],
-                    {k: float(v[0]) for k, v in ev.metrics.items()}, None)
+                    {k: float(v[0]) for k, v in ev.metrics.items()}, None, {"score_s": clock() - t0})
         except Exception as e:  # noqa: BLE001 - reported per candidate, the run goes on
-            return float("nan"), None, {}, _describe(e)
+            return float("nan"), None, {}, _describe(e), None
 
     @staticmethod
     def _pack(rows: list[tuple]) -> dict:
-        width = next((np.asarray(s).size for _, s, _, _ in rows if s is not None), None)
+        """rows: (fitness, scores, metrics, error, timing) per candidate."""
+        width = next((np.asarray(r[1]).size for r in rows if r[1] is not None), None)
         scores = None
         if width is not None:
             scores = np.zeros((len(rows), width))
-            for j, (_, s, _, _) in enumerate(rows):
-                if s is not None:
-                    scores[j] = np.asarray(s, np.float64).reshape(-1)
-        names = {k for _, _, m, _ in rows for k in m}
+            for j, r in enumerate(rows):
+                if r[1] is not None:
+                    scores[j] = np.asarray(r[1], np.float64).reshape(-1)
+        names = {k for r in rows for k in r[2]}
         return {"fitness": np.array([r[0] for r in rows], np.float64), "scores": scores,
-                "metrics": {k: np.array([m.get(k, np.nan) for _, _, m, _ in rows]) for k in sorted(names)},
-                "errors": [r[3] for r in rows]}
+                "metrics": {k: np.array([r[2].get(k, np.nan) for r in rows]) for k in sorted(names)},
+                "errors": [r[3] for r in rows], "timing": [r[4] for r in rows]}
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
         if self.recipe_based:
