@@ -232,13 +232,21 @@ class HFMergeSpace(SearchSpace):
         """Write once for this set of models (later runs reuse them), one tensor at a time: the task vectors
         (expert - base, computed in float32, stored in the delta dtype) and, for the methods that select by
         magnitude, each task vector's magnitude table (`kernels.MagnitudeTable`)."""
+        import fcntl
+
+        out = self.task_vector_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "a") as lock:  # the workers of a node: the first writes, the others wait for it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._prepare(out)
+        return out
+
+    def _prepare(self, out: Path) -> None:
         import torch
 
         from .files import write_safetensors
         from .kernels import MagnitudeTable
 
-        out = self.task_vector_dir()
-        out.mkdir(parents=True, exist_ok=True)
         names = [n for n in self.base.names() if self.base.tensor(n).is_floating_point()]
         for label, ck in self.experts.items():
             target = out / f"{label}.safetensors"
@@ -250,9 +258,12 @@ class HFMergeSpace(SearchSpace):
                     return (e.float() - self.base.tensor(name).float()).to(self.delta_dtype(name))
 
                 tmp = out / f".{label}.{os.getpid()}.tmp"
-                write_safetensors(tmp, [(n, tuple(self.base.tensor(n).shape), self.delta_dtype(n)) for n in names],
-                                  delta)
-                os.replace(tmp, target)
+                try:
+                    write_safetensors(tmp, [(n, tuple(self.base.tensor(n).shape), self.delta_dtype(n))
+                                            for n in names], delta)
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
             stats = out / f"{label}.magnitudes.safetensors"
             if self.cfg.method in BAND_METHODS and not stats.exists():
                 from .pool import _mapped
@@ -264,7 +275,6 @@ class HFMergeSpace(SearchSpace):
                 tmp = out / f".{label}.magnitudes.{os.getpid()}.tmp"
                 save_safetensors(tables, tmp)
                 os.replace(tmp, stats)
-        return out
 
 
 def _group_order(g: str):
