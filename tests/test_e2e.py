@@ -27,7 +27,7 @@ def test_quickstart_with_two_ray_workers(cli, tmp_path):
     evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
     assert sorted(e["id"] for e in evals) == list(range(400))
     assert {e["worker"] for e in evals} == {0, 1}  # both workers took batches
-    assert set(evals[0]) == {"id", "step", "fitness", "metrics", "worker", "seconds", "t"}
+    assert set(evals[0]) == {"id", "step", "fitness", "metrics", "worker", "seconds", "t", "score_s"}
     assert all(e["fitness"] == e["metrics"]["train_accuracy"] for e in evals)
 
     summary = json.loads((out / "summary.json").read_text())
