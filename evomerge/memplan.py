@@ -410,6 +410,10 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
         if reserve and resident < budget:
             hints.append("a smaller memory.reserve_gib")
         hint = ", ".join(hints[:-1]) + " or " + hints[-1] if len(hints) > 1 else hints[0]
+        if res_dt is None:  # auto: name the checkpoint's dtype(s)
+            names = {v: k for k, v in NAMES.items()}
+            found = sorted({names.get(d, d) for _, d in tensors.values() if d in FLOATING})
+            resident_dtype = "/".join(found)
         why = (f"space.memory: the resident model ({gib(resident)} in {resident_dtype}) and the reserve "
                f"({gib(reserve)}) do not fit in the worker's budget ({gib(budget)}{gpu}); use {hint}")
         return _plan({}, 0, False, why)
@@ -437,7 +441,7 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
             tiers[(k, lbl, name)] = tier
     if any(t == "disk" for t in tiers.values()):
         notes.append("the disk tier streams at page-cache speed only while the files stay cached; raise "
-                     "memory.host_gib (the node's RAM permitting) to pin more")
+                     "memory.host_gib (the node's RAM permitting) to keep more in host memory")
     return _plan(tiers, staging)
 
 
