@@ -12,6 +12,11 @@ one worker per GPU, a node with 256 GiB of RAM (so a host tier of 128 GiB, half 
   143771 MiB (H200, 141 GB).
 
 Transfer times assume 25 GB/s host-to-device (PCIe 4.0 x16, pinned memory); nothing is measured.
+
+Then the real command on real files: a Llama-2-7B base and 8 experts as safetensors files whose
+headers are complete and whose data are holes (sparse files: 13.5 GB each as the filesystem sees
+them, ~0 on disk), and `python run.py --config ... --dry-run` timed with `space.memory.gpu_gib`
+set to a 24 GB card: the plan comes from the headers, without reading weights.
 """
 from __future__ import annotations
 
@@ -93,6 +98,48 @@ def main() -> None:
                         "memory": memory.model_dump()},
         "parameters": params, "plans": rows})
     print(f"wrote {out}")
+    dry_run_on_sparse_checkpoints(args.out)
+
+
+def dry_run_on_sparse_checkpoints(out_path) -> None:
+    import struct
+    import time
+
+    from common import run_py
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name in ["base", *[f"e{i}" for i in range(8)]]:
+            d = root / name
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps({**MODELS["Llama-2-7B"], "model_type": "llama"}))
+            header, off = {}, 0
+            for t, (shape, dt) in model_tensors(d).items():
+                size = _numel(shape) * 2
+                header[t] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + size]}
+                off += size
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(d / "model.safetensors", "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(8 + len(raw) + off)  # a hole: no data written
+        (root / "t.jsonl").write_text(json.dumps({"prompt": "a", "choices": ["b", "c"], "answer": 0}) + "\n")
+        experts = ", ".join(f"e{i}: {root / f'e{i}'}" for i in range(8))
+        (root / "cfg.yaml").write_text(
+            f"seed: 0\nspace:\n  name: hf_merge\n  models:\n    base: {root / 'base'}\n    experts: {{{experts}}}\n"
+            f"  method: ties\n  layer_granularity: 4\n  memory: {{gpu_gib: {GPUS['24 GB'] / 1024:.2f}, h2d_gbps: {H2D_GBPS}}}\n"
+            f"  cache_dir: {root / 'tv'}\nstrategy: {{name: cmaes, popsize: 16}}\n"
+            f"fitness: {{name: lm_tasks, tasks: [{{name: t, path: {root / 't.jsonl'}, kind: choice}}]}}\n"
+            f"engine: {{workers: 1, gpus_per_worker: 1}}\nbudget: {{max_evals: 100}}\n")
+        t0 = time.perf_counter()
+        r = run_py("--config", str(root / "cfg.yaml"), "--dry-run", check=False)
+        wall = time.perf_counter() - t0
+    plan = r.stdout[r.stdout.find("memory plan"):].rstrip().splitlines()
+    print(f"\nrun.py --dry-run on a Llama-2-7B base + 8 experts (sparse safetensors, 9 x 13.5 GB), 24 GB GPU: "
+          f"exit {r.returncode}, {wall:.1f} s")
+    print("\n".join(plan) or r.stderr)
+    write_results(out_path, {"dry_run_7b_8_experts_24gb": {"exit": r.returncode, "wall_s": wall, "plan": plan,
+                                                            "stderr": r.stderr}}, merge=True)
 
 
 def _numel(shape) -> int:
