@@ -139,3 +139,21 @@ def test_compiled_kernel_equals_the_eager_kernel():
         K._slice_kernel(spec, a, base, deltas, p, torch.tensor(7), keys)
         kernel(spec, b, base, deltas, p, torch.tensor(7), keys)
         assert torch.equal(a, b), method
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_eager(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nmore")
+
+    monkeypatch.setattr(K, "compiled_kernel", lambda: broken)
+    base, _, deltas = family_tensors(torch.float32, n=3000)
+    sources = {"w": [base, *deltas]}
+    inputs = MergeInputs(sources, {"w": ["device"] * 4}, torch.device("cpu"), 1 << 20)
+    tables = {"w": [K.MagnitudeTable.of(d) for d in deltas]}
+    group = {"w": GROUP}
+    a, b = torch.empty(3000), torch.empty(3000)
+    K.Merger(K.spec_for("ties", 3, None), "cpu", tables, compiled=True).run(inputs, {"w": a}, group)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compiling the merge kernel failed (RuntimeError: no C++ compiler)" in err
+    K.Merger(K.spec_for("ties", 3, None), "cpu", tables).run(inputs, {"w": b}, group)
+    assert torch.equal(a, b)
