@@ -384,6 +384,8 @@ class MergeRuntime(ResidentModel):
         self.merger = Merger(spec_for(method, 1 if method == "slerp" else len(labels), cfg.normalize), self.device,
                              tables, {n: slerp_stats(*sources[n]) for n in self.floats} if method == "slerp" else {},
                              compiled)
+        if compiled:  # compile now (seconds to tens of seconds), not inside the first candidate's merge_s
+            self.materialize(space.decode(space.seeds()[0]))
         self.last_transfer_s = None
 
     def materialize(self, recipe: dict):
