@@ -370,7 +370,7 @@ class MergeRuntime(ResidentModel):
         shapes = space.base.slices()
         self.plan = make_plan(shapes, method=method, labels=labels, resident_dtype=str(self.model.dtype)[6:],
                               delta_dtype=cfg.delta_dtype, device=self.device.type, memory=cfg.memory,
-                              gpu_bytes=gpu_bytes, measure_h2d=False)
+                              gpu_bytes=gpu_bytes, gpu_share=getattr(space, "gpu_share", 1.0), measure_h2d=False)
         if not self.plan.fits:
             raise UserError(self.plan.why)
         tiers = {n: [self.plan.tier(kind, label, n) for kind, label in kinds[n]] for n in self.floats}

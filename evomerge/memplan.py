@@ -328,11 +328,14 @@ def host_ram() -> int:
 
 def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, labels, resident_dtype: str,
               delta_dtype: str, device: str, memory: MemoryConfig, gpu_bytes: int | None = None,
+              gpu_share: float = 1.0,
               host_bytes: int | None = None, workers_per_node: int = 1, measure_h2d: bool = True) -> Plan:
     """The plan of one worker merging `tensors` (name -> (shape, safetensors dtype), checkpoint order).
 
     resident_dtype / delta_dtype: "float32" / "bfloat16" / "float16", or "auto" (each tensor's own dtype).
     device: "cuda" or "cpu". gpu_bytes: the GPU's memory (cuda; None: unknown, planned as unlimited).
+    gpu_share: the worker's share of that GPU (engine.gpus_per_worker below 1: workers sharing a GPU), which
+    scales the default budget and reserve.
     host_bytes: the node's RAM (default: this machine's). measure_h2d: time a pinned copy on a local GPU
     when something streams and memory.h2d_gbps is not set (else 20 GB/s is assumed)."""
     labels = tuple(labels)
@@ -353,9 +356,9 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
 
     if device == "cuda":
         budget = (int(memory.budget_gib * GIB) if memory.budget_gib is not None
-                  else int(0.9 * gpu_bytes) if gpu_bytes else None)
+                  else int(0.9 * gpu_bytes * gpu_share) if gpu_bytes else None)
         reserve = (int(memory.reserve_gib * GIB) if memory.reserve_gib is not None
-                   else max(GIB, int(0.1 * gpu_bytes)) if gpu_bytes else GIB)
+                   else max(GIB, int(0.1 * gpu_bytes * gpu_share)) if gpu_bytes else GIB)
         if budget is None:
             notes.append("the GPU's memory is not known here (no GPU on this machine): set space.memory.gpu_gib "
                          "to plan for the workers' GPU")
@@ -495,7 +498,7 @@ def measure_h2d_gbps(mib: int = 256, repeats: int = 4) -> float:
 
 # a space's plan ------------------------------------------------------------------------------------
 
-def plan_for_space(space_cfg, workers_per_node: int, *, measure_h2d: bool = True) -> Plan:
+def plan_for_space(space_cfg, workers_per_node: int, *, measure_h2d: bool = True, gpu_share: float = 1.0) -> Plan:
     """The plan of one worker of an hf_merge space (its config), reading headers only; with task-vector
     methods, also whether the task-vector cache has room for the deltas."""
     from .hf_space import resolve_model
@@ -514,7 +517,8 @@ def plan_for_space(space_cfg, workers_per_node: int, *, measure_h2d: bool = True
     delta_dtype = getattr(space_cfg, "delta_dtype", "auto")
     plan = make_plan(tensors, method=space_cfg.method, labels=list(space_cfg.models.experts),
                      resident_dtype=space_cfg.dtype, delta_dtype=delta_dtype, device=dev, memory=memory,
-                     gpu_bytes=gpu_bytes, workers_per_node=workers_per_node, measure_h2d=measure_h2d)
+                     gpu_bytes=gpu_bytes, gpu_share=gpu_share, workers_per_node=workers_per_node,
+                     measure_h2d=measure_h2d)
     if plan.fits and space_cfg.method in TASK_VECTOR_METHODS:
         why = _cache_room(space_cfg, base, experts, tensors, delta_dtype)
         if why:

@@ -14,15 +14,16 @@ from .errors import UserError
 class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
-    def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = ()):
+    def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = (),
+                 gpu_share: float = 1.0):
         self.index = index
         self.start_error: Exception | None = None
         try:
-            self._start(space_cfg, fitness_cfg, seed, threads, extras)
+            self._start(space_cfg, fitness_cfg, seed, threads, extras, gpu_share)
         except UserError as e:  # raised again by ready(): Ray keeps a task's exception (a RayTaskError
             self.start_error = e  # with .cause), but of a failed actor constructor only a message string
 
-    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple) -> None:
+    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple, gpu_share: float) -> None:
         from fitness import ModelFitness, RecipeFitness, build_fitness
 
         from .spaces import build_space
@@ -31,6 +32,7 @@ class FitnessWorker:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         self.extras = tuple(extras)  # see Strategy.worker_extras
         self.space = build_space(space_cfg, seed)
+        self.space.gpu_share = gpu_share  # engine.gpus_per_worker < 1: the worker's memory plan takes its share
         self.fitness = build_fitness(fitness_cfg)
         self.model_based = isinstance(self.fitness, ModelFitness)
         self.recipe_based = isinstance(self.fitness, RecipeFitness)  # scored remotely, e.g. through an API

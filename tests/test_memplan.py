@@ -372,3 +372,14 @@ def test_bandwidth_is_measured_only_on_a_local_gpu_when_something_streams(monkey
     assert plan(t, device="cuda", gpu_bytes=40 * GIB).streamed_bytes == 0  # everything resident: nothing timed
     assert plan(t, device="cuda", gpu_bytes=40 * GIB, memory=MemoryConfig(h2d_gbps=3)).h2d_gbps == 3
     assert len(calls) == 1
+
+
+def test_a_worker_sharing_its_gpu_plans_with_its_share():
+    from evomerge.memplan import MemoryConfig, make_plan
+
+    tensors = {"model.layers.0.mlp.up_proj.weight": ((1024, 1024), "BF16")}
+    kw = dict(method="ties", labels=["a"], resident_dtype="auto", delta_dtype="auto", device="cuda",
+              memory=MemoryConfig(), gpu_bytes=40 << 30, measure_h2d=False)
+    whole, half = make_plan(tensors, **kw), make_plan(tensors, gpu_share=0.5, **kw)
+    assert whole.budget == int(0.9 * (40 << 30)) and half.budget == int(0.45 * (40 << 30))
+    assert whole.reserve == 4 << 30 and half.reserve == 2 << 30
