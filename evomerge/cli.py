@@ -167,15 +167,9 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     if cfg.space.name == "hf_merge":
         from .memplan import plan_for_space
 
-        for line in plan_for_space(cfg.space, _workers_per_node(cfg), gpu_share=_gpu_share(cfg)).lines():
+        for line in plan_for_space(cfg.space, _workers_per_node(cfg), gpu_share=cfg.engine.gpu_share()).lines():
             print(line)
     return 0
-
-
-def _gpu_share(cfg) -> float:
-    """A worker's share of its GPU: engine.gpus_per_worker below 1 puts several workers on one GPU."""
-    g = cfg.engine.gpus_per_worker
-    return min(1.0, g) if g > 0 else 1.0
 
 
 def _workers_per_node(cfg) -> int:
@@ -189,7 +183,7 @@ def _check_memory(cfg) -> None:
     if cfg.space.name == "hf_merge":
         from .memplan import plan_for_space
 
-        plan = plan_for_space(cfg.space, _workers_per_node(cfg), measure_h2d=False, gpu_share=_gpu_share(cfg))
+        plan = plan_for_space(cfg.space, _workers_per_node(cfg), measure_h2d=False, gpu_share=cfg.engine.gpu_share())
         if not plan.fits:
             raise UserError(plan.why)
 

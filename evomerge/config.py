@@ -67,6 +67,10 @@ class EngineConfig(Frozen):
                                                              "between them keeps every evaluation)")
     checkpoint_every_evals: int | None = Field(None, ge=1, description="also checkpoint after this many evaluations")
 
+    def gpu_share(self) -> float:
+        """A worker's share of its GPU: gpus_per_worker below 1 puts several workers on one GPU."""
+        return min(1.0, self.gpus_per_worker) if self.gpus_per_worker > 0 else 1.0
+
 
 class BudgetConfig(Frozen):
     max_evals: int | None = Field(10_000, ge=1, description="stop after this many evaluations")

@@ -167,9 +167,8 @@ class Engine:
 
     def _new_worker(self, i: int):
         extras = STRATEGIES[self.cfg.strategy.name][1].worker_extras(self.cfg.strategy)
-        share = min(1.0, self.cfg.engine.gpus_per_worker) if self.cfg.engine.gpus_per_worker > 0 else 1.0
         return self._remote.remote(i, self.cfg.space, self.cfg.fitness, self.cfg.seed, self._threads, extras,
-                                   gpu_share=share)
+                                   gpu_share=self.cfg.engine.gpu_share())
 
     def wait_workers(self) -> None:
         """Wait until the workers are ready. Once one is, a worker not ready within

@@ -281,7 +281,7 @@ class Merger:
         self.tables, self.slerp = tables or {}, slerp or {}
         self.kernel = compiled_kernel() if compiled else None
         self._compiled_ok = False
-        self._keys = {}
+        self._keys, self._offsets = {}, {}
 
     def _first_compiled(self, inputs, outs, groups, seed) -> None:
         """The first compiled pass compiles; if compiling fails (no C++ compiler, an unsupported device),
@@ -332,6 +332,8 @@ class Merger:
                         out.copy_(linear(xs, w, torch.empty_like(xs[0]), normalize=spec.normalize))
                     continue
                 tv = spec.method != "linear"
-                offset = torch.tensor(u.offset, dtype=torch.int64, device=self.device)
+                offset = self._offsets.get(u.offset)
+                if offset is None:  # a 0-d device tensor per slice offset, made once (not a copy per slice)
+                    offset = self._offsets[u.offset] = torch.tensor(u.offset, dtype=torch.int64, device=self.device)
                 kernel(spec, out, u.views[0] if tv else None, u.views[1:] if tv else u.views, p, offset,
                        self.keys(seed, u.name) if spec.masked == "dare" else None)
