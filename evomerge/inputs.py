@@ -52,12 +52,11 @@ class MergeInputs:
             if n not in self.streamed:
                 self.resident[n] = [self._to_device(t) for t in self.sources[n]]
         self.transfer_s: float | None = None
-        self.streamed_bytes = sum(t.numel() * t.element_size() for n in self.streamed for t in self.sources[n])
         self._slots = []
         if self.streamed:
             width = max(len(self.sources[n]) for n in self.streamed)
-            dtypes = [max((self.sources[n][i].dtype for n in self.streamed if i < len(self.sources[n])),
-                          key=lambda d: torch.empty((), dtype=d).element_size()) for i in range(width)]
+            dtypes = [_common({self.sources[n][i].dtype for n in self.streamed if i < len(self.sources[n])})
+                      for i in range(width)]
             longest = max(t.numel() for n in self.streamed for t in self.sources[n])
             self.slice = max(1, min(longest, slice_bytes // max(torch.empty((), dtype=d).element_size()
                                                                  for d in dtypes)))
@@ -140,6 +139,13 @@ class _Slot:
         if cuda:  # recorded once so the first waits pass
             self.copied.record()
             self.merged.record()
+
+
+def _common(dtypes: set) -> torch.dtype:
+    """The staging dtype of one input position: the inputs' own, or one that holds all of them exactly."""
+    if len(dtypes) == 1:
+        return next(iter(dtypes))
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _touch(t: Tensor) -> None:

@@ -157,3 +157,12 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_eager(monkeypatch, capsys)
     assert err.count("\n") == 1 and "compiling the merge kernel failed (RuntimeError: no C++ compiler)" in err
     K.Merger(K.spec_for("ties", 3, None), "cpu", tables).run(inputs, {"w": b}, group)
     assert torch.equal(a, b)
+
+
+def test_inputs_of_mixed_dtypes_are_staged_exactly():
+    base, _, deltas = family_tensors(torch.bfloat16, n=5000)
+    half = [d.to(torch.float16) for d in deltas]
+    sources = {"a": [base, *deltas], "b": [base.to(torch.float16), *half]}
+    streamed = MergeInputs(sources, {n: ["host"] * 4 for n in sources}, torch.device("cpu"), 1 << 20)
+    for u in streamed.units():
+        assert all(torch.equal(v.float(), s[u.offset:u.offset + u.n].float()) for v, s in zip(u.views, sources[u.name]))
