@@ -24,7 +24,7 @@ from common import ROOT, write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-from evomerge import digits  # noqa: E402
+from evomerge.demos import digits  # noqa: E402
 
 
 def bare_rate(batch_size: int, seconds: float = 5.0) -> float:

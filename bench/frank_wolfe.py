@@ -29,7 +29,7 @@ from common import ROOT, run_py, write_results  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 from evomerge.config import load_config  # noqa: E402
-from evomerge.worker import FitnessWorker  # noqa: E402
+from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
 
 def config(fam: dict, experts: list[str], steps: int, cache: str, oracle: str, kind: str) -> dict:

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evomerge.config import validate  # noqa: E402
-from evomerge.tinylm import build_family  # noqa: E402
-from evomerge.worker import FitnessWorker  # noqa: E402
+from evomerge.demos.tinylm import build_family  # noqa: E402
+from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
 
 def run_config(base, experts, tasks, cache, device, method="ties"):
@@ -91,7 +91,7 @@ def big_model(tmp: Path, layers: int) -> tuple[str, dict, int]:
 
 
 def merge_speed(tmp: Path, layers: int) -> dict:
-    from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
+    from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
 
     base, experts, n_params = big_model(tmp, layers)
     buf = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")

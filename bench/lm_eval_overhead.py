@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.config import RunConfig  # noqa: E402
-from evomerge.tinylm import write_lm_eval_tasks  # noqa: E402
-from evomerge.worker import FitnessWorker  # noqa: E402
+from evomerge.demos.tinylm import write_lm_eval_tasks  # noqa: E402
+from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
 
 def run_config(fam: dict, fitness: dict) -> RunConfig:
@@ -63,7 +63,7 @@ def fitness_configs(fam: dict, zoo: Path, kind: str, limit: int) -> dict:
 
 
 def bench_kind(fam: dict, zoo: Path, kind: str, n: int, limit: int, threads: int) -> dict:
-    from fitness import build_fitness
+    from evomerge.fitness import build_fitness
 
     workers, startup = {}, {}
     for label, fit in fitness_configs(fam, zoo, kind, limit).items():

@@ -3,7 +3,7 @@
     python bench/long_runs.py [--only utilization overhead faults resume] [--seed 0]
 
 Every run is the real command (`python run.py ...`) on the synthetic space and fitness
-(evomerge/synthetic.py, fitness/synthetic.py), whose evaluation time and faults the config sets.
+(evomerge/spaces/synthetic.py, fitness/synthetic.py), whose evaluation time and faults the config sets.
 - utilization: log-normal evaluation times (median 50 ms, sigma 1), 8 workers: steady-state M2N2
   (free-running and deterministic) and CMA-ES with popsize 8; worker utilization from summary.json.
 - overhead: a zero-cost fitness (no sleep, microseconds of numpy) and 16 workers: evaluations/s and

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evomerge.space import DigitsMLPSpace, DigitsMLPSpaceConfig
-from fitness.digits import DigitsFitness, DigitsFitnessConfig
-from populations import Result, SpaceInfo
-from populations.m2n2 import M2N2, M2N2Config
+from evomerge.spaces.digits import DigitsMLPSpace, DigitsMLPSpaceConfig
+from evomerge.fitness.digits import DigitsFitness, DigitsFitnessConfig
+from evomerge.populations import Result, SpaceInfo
+from evomerge.populations.m2n2 import M2N2, M2N2Config
 
 from common import write_results
 

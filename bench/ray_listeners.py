@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evomerge.cluster import is_loopback, listeners  # noqa: E402
+from evomerge.engine.cluster import is_loopback, listeners  # noqa: E402
 
 
 def main() -> None:

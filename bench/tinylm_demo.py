@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from evomerge.config import load_config  # noqa: E402
 from evomerge.export import find_recipe  # noqa: E402
-from evomerge.worker import FitnessWorker  # noqa: E402
+from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
 CONFIG = "configs/tinylm_ties_cmaes.yaml"
 
@@ -50,7 +50,7 @@ def main() -> None:
     space, rt, fit = worker.space, worker.runtime, worker.fitness
     tasks = [t.name for t in cfg.fitness.tasks]
 
-    from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+    from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
     gen_tasks = [{"name": t.name, "path": t.path.replace("_mc.jsonl", ".jsonl"), "kind": "generate"}
                  for t in cfg.fitness.tasks if t.path.endswith("_mc.jsonl")]

@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from .command import prog
 from .errors import UserError
 from .progress import rate_text
 
@@ -25,13 +26,6 @@ RESUMABLE_SETS = ("budget.", "engine.address=", "engine.worker_start_timeout_s="
                   "fitness.max_requests=", "fitness.max_tokens=")
 RESUMABLE_TEXT = ("budget.*, engine.address, engine.worker_start_timeout_s, progress_every_s and an API fitness's "
                   "max_requests / max_tokens")
-
-
-def prog(command: str | None = None) -> str:
-    """The name the user typed: `python run.py` or the `evomerge` console script."""
-    name = Path(sys.argv[0]).name
-    base = {"run.py": "python run.py", "__main__.py": "python -m evomerge"}.get(name, "evomerge")
-    return f"{base} {command}" if command else base
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -274,9 +268,9 @@ def _search(args, cfg, run, t_start: float) -> dict:
     """Preflight checks, then Ray, the workers and the search loop; returns the summary."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from populations import STRATEGIES, SpaceInfo, build_strategy
+    from evomerge.populations import STRATEGIES, SpaceInfo, build_strategy
 
-    from .cluster import RayCluster
+    from .engine.cluster import RayCluster
     from .config import to_yaml
     from .engine import Engine
     from .spaces import build_space
@@ -319,7 +313,7 @@ def _search(args, cfg, run, t_start: float) -> dict:
 
 def _check_fitness(cfg) -> None:
     """The fitness's own checks, before anything starts (e.g. its task files, its API key and server)."""
-    from fitness import FITNESSES
+    from evomerge.fitness import FITNESSES
 
     check = getattr(FITNESSES[cfg.fitness.name][1], "check", None)
     if check is not None:
@@ -328,8 +322,8 @@ def _check_fitness(cfg) -> None:
 
 def _preflight(cfg, space) -> None:
     """Refuse before anything starts what the strategy needs the workers to compute and they cannot."""
-    from fitness import FITNESSES
-    from populations import STRATEGIES
+    from evomerge.fitness import FITNESSES
+    from evomerge.populations import STRATEGIES
 
     if "weight_gradient" in STRATEGIES[cfg.strategy.name][1].worker_extras(cfg.strategy):
         if not hasattr(space, "check_weight_gradient"):
@@ -375,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve_main(argv[1:])
         if argv[:1] == ["zoo"]:
-            from .tinylm import zoo_main
+            from .demos.tinylm import zoo_main
 
             return zoo_main(argv[1:])
         if argv[:1] == ["report"]:

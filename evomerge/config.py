@@ -11,8 +11,8 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from fitness import FITNESSES
-from populations import STRATEGIES
+from evomerge.fitness import FITNESSES
+from evomerge.populations import STRATEGIES
 
 from .errors import UserError
 from .files import read_utf8

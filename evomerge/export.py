@@ -74,7 +74,7 @@ def mergekit_config(space, recipe: dict) -> dict:
 
 def prefer(run: Path, cfg, text: str) -> tuple[int, dict]:
     """The Pareto-front evaluation with the largest preference-weighted sum of objectives."""
-    from fitness import FITNESSES
+    from evomerge.fitness import FITNESSES
 
     from .pareto import front_of_run, parse_preference, preferred
 

@@ -501,7 +501,7 @@ def measure_h2d_gbps(mib: int = 256, repeats: int = 4) -> float:
 def plan_for_space(space_cfg, workers_per_node: int, *, measure_h2d: bool = True, gpu_share: float = 1.0) -> Plan:
     """The plan of one worker of an hf_merge space (its config), reading headers only; with task-vector
     methods, also whether the task-vector cache has room for the deltas."""
-    from .hf_space import resolve_model
+    from .spaces.hf_merge import resolve_model
 
     memory = getattr(space_cfg, "memory", None) or MemoryConfig()
     base = resolve_model(space_cfg.models.base, "base")
@@ -530,7 +530,7 @@ def _task_vector_dir(space_cfg, base: Path, experts: dict[str, Path]) -> Path | 
     """The directory the space writes this model set's task vectors to (None: not known here)."""
     from types import SimpleNamespace
 
-    from .hf_space import HFMergeSpace
+    from .spaces.hf_merge import HFMergeSpace
 
     try:
         return Path(HFMergeSpace.task_vector_dir(SimpleNamespace(cfg=space_cfg, base_path=base,

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
-from .pool import Checkpoint, group_of, layer_index
+from .weights import Checkpoint, group_of, layer_index
 
 _BLOCK = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\.)")
 

@@ -134,10 +134,10 @@ def _model_section(path: str, title: str, model: type[BaseModel], lines: list[st
 
 
 def catalog() -> list[str]:
-    from fitness import FITNESSES
-    from populations import STRATEGIES
+    from evomerge.fitness import FITNESSES
+    from evomerge.populations import STRATEGIES
 
-    from .hf_space import METHOD_PARAMS
+    from .spaces.hf_merge import METHOD_PARAMS
     from .merge import METHOD_DOCS
     from .spaces import SPACES
 
@@ -161,8 +161,8 @@ def catalog() -> list[str]:
 
 
 def config_reference() -> list[str]:
-    from fitness import FITNESSES
-    from populations import STRATEGIES
+    from evomerge.fitness import FITNESSES
+    from evomerge.populations import STRATEGIES
 
     from .config import RunConfig
     from .spaces import SPACES

@@ -20,7 +20,7 @@ class DigitsFitness(Fitness):
     spaces = ("digits_mlp",)
 
     def __init__(self, cfg: DigitsFitnessConfig):
-        from evomerge import digits  # torch and sklearn load in the worker, not with the config
+        from evomerge.demos import digits  # torch and sklearn load in the worker, not with the config
 
         train, test = digits.load(cfg.train_fraction)
         self.train = digits.BatchScorer(train)

@@ -4,7 +4,7 @@ from .cmaes import CMAES, CMAESConfig
 from .evo_merging import EvoMerging, EvoMergingConfig
 from .frank_wolfe import FrankWolfe, FrankWolfeConfig
 from .m2n2 import M2N2, M2N2Config
-from .ngopt import Nevergrad, NevergradConfig
+from .nevergrad_search import Nevergrad, NevergradConfig
 from .random_search import RandomSearch, RandomSearchConfig
 
 STRATEGIES = {

@@ -216,7 +216,7 @@ def test_api_search_with_injected_faults_loses_nothing_and_keeps_the_budget(fami
 
 
 def test_ensemble_mode_and_judge_through_the_openai_client(server, family, monkeypatch):
-    from fitness.api import APIFitness, APIFitnessConfig
+    from evomerge.fitness.api import APIFitness, APIFitnessConfig
 
     monkeypatch.setenv("EVOMERGE_TEST_KEY", KEY)
     common = dict(name="api", base_url=f"http://127.0.0.1:{server}/v1", api_key_env="EVOMERGE_TEST_KEY",
@@ -239,7 +239,7 @@ def test_ensemble_mode_and_judge_through_the_openai_client(server, family, monke
 
 
 def test_budget_reserves_an_upper_bound_and_settles_to_the_usage():
-    from fitness.api import Budget
+    from evomerge.fitness.api import Budget
 
     b = Budget(max_requests=3, max_tokens=100)
     assert b.reserve(60) and not b.reserve(50)  # 110 > 100 tokens

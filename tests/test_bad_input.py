@@ -69,7 +69,7 @@ def test_the_same_configs_over_good_files_pass_the_checks(flavor, shared, tmp_pa
     from evomerge.cli import _check_fitness, _preflight
     from evomerge.config import load_config
     from evomerge.spaces import build_space
-    from fitness import api
+    from evomerge.fitness import api
 
     case = CONTROLS[flavor]
     _skip_unmet(case)

@@ -25,8 +25,8 @@ def _models(tp):
 
 
 def test_every_config_field_is_described():
-    from fitness import FITNESSES
-    from populations import STRATEGIES
+    from evomerge.fitness import FITNESSES
+    from evomerge.populations import STRATEGIES
 
     from evomerge.config import RunConfig
     from evomerge.spaces import SPACES
@@ -47,7 +47,7 @@ def test_every_config_field_is_described():
 
 
 def test_every_strategy_has_a_docs_page():
-    from populations import STRATEGIES
+    from evomerge.populations import STRATEGIES
 
     for name in STRATEGIES:
         page = ROOT / "docs" / "strategies" / f"{name}.md"

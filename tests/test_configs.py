@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """The demo family the tinylm configs name, in its tiny size (built in about 20 s)."""
-    from evomerge.tinylm import build_family
+    from evomerge.demos.tinylm import build_family
 
     out = tmp_path_factory.mktemp("zoo") / "tinylm"
     build_family(out, size="tiny", skills=["upper", "sort", "count"])

@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from evomerge import digits
-from evomerge.space import DigitsMLPSpace, DigitsMLPSpaceConfig
-from fitness.digits import DigitsFitness, DigitsFitnessConfig
+from evomerge.demos import digits
+from evomerge.spaces.digits import DigitsMLPSpace, DigitsMLPSpaceConfig
+from evomerge.fitness.digits import DigitsFitness, DigitsFitnessConfig
 
 
 def test_split_and_layout_follow_the_paper():

@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge import digits
+from evomerge.demos import digits
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.errors import UserError
-from evomerge.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
-from populations import SpaceInfo, build_strategy
-from populations.m2n2 import M2N2Config
+from evomerge.spaces.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
+from evomerge.populations import SpaceInfo, build_strategy
+from evomerge.populations.m2n2 import M2N2Config
 
 from hf_models import tiny_family
 
@@ -77,7 +77,7 @@ def test_m2n2_children_are_the_models_their_coefficients_say(family):
     s.prepare()
     info = SpaceInfo(dim=s.dim, seeds=tuple(s.seeds()), gram=s.gram)
     st = build_strategy(M2N2Config(name="m2n2", form="coefficients", archive_size=4, mutation_std=0.0), info, 0)
-    from populations.base import Result
+    from evomerge.populations.base import Result
 
     seeds = st.ask(3)
     st.tell([Result(c, fitness=0.5 + 0.1 * i, scores=np.array([i % 2, 1 - i % 2, 1.0])) for i, c in enumerate(seeds)])

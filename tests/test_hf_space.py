@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.errors import UserError
-from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
+from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
 from evomerge.merge import merge_tensor
 
 from hf_models import tiny_family
@@ -105,7 +105,7 @@ def test_mergekit_yaml_names_every_tensor(family):
 @pytest.mark.parametrize("method,normalize", [("task_arithmetic", False), ("task_arithmetic", True),
                                               ("linear", True), ("linear", False)])
 def test_weight_gradient_matches_finite_differences(family, tmp_path, method, normalize):
-    from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+    from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "split": "train"} for a, b in [(1, 2), (3, 4), (2, 2)]]
     rows += [{"prompt": "ab", "choices": ["c", "d"], "answer": 1, "split": "train"}]

@@ -50,7 +50,7 @@ def venv(tmp_path_factory) -> Path:
     src.mkdir()
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, src / f)
-    for pkg in ("evomerge", "fitness", "populations"):
+    for pkg in ("evomerge", "fitness", "populations"):  # the folders; they install as evomerge.*
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheels"), str(src)],

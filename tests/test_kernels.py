@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from evomerge import kernels as K
-from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
+from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
 from evomerge.inputs import MergeInputs
 from evomerge.merge import magnitude_mask, merge_tensor, outlier_mask
 

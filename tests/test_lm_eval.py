@@ -15,10 +15,10 @@ import torch
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.tinylm import build_tokenizer, write_lm_eval_tasks
-from fitness import FITNESSES
-from fitness.lm_eval import LMEvalFitness, LMEvalFitnessConfig
-from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+from evomerge.demos.tinylm import build_tokenizer, write_lm_eval_tasks
+from evomerge.fitness import FITNESSES
+from evomerge.fitness.lm_eval import LMEvalFitness, LMEvalFitnessConfig
+from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 from hf_models import tiny_family
 
 pytest.importorskip("lm_eval")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from evomerge.errors import UserError
-from evomerge.tinylm import build_tokenizer
-from fitness import FITNESSES
-from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+from evomerge.demos.tinylm import build_tokenizer
+from evomerge.fitness import FITNESSES
+from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
 
 def write(path, rows):
@@ -235,7 +235,7 @@ def test_choice_defects(tmp_path, row, msg):
 
 
 def test_check_accepts_good_files_and_the_api_fitness_reads_them_before_the_server(tmp_path, monkeypatch):
-    from fitness import api
+    from evomerge.fitness import api
 
     good = write(tmp_path / "ok.jsonl", [{"prompt": "a", "answer": "b", "split": "train"}])
     LMTasksFitness.check(LMTasksFitnessConfig(name="lm_tasks", tasks=[{"name": "t", "path": good, "kind": "generate"}]))

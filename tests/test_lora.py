@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evomerge.errors import UserError
-from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
+from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
 
 from hf_models import tiny_family
 
@@ -30,7 +30,7 @@ def lora_family(tmp_path_factory):
 
 
 def test_adapter_tensors_equal_peft_merge_and_unload(lora_family):
-    from evomerge.pool import Adapter, Checkpoint
+    from evomerge.weights import Adapter, Checkpoint
 
     root, base, experts, merged = lora_family
     ad = Adapter(experts["lora"], Checkpoint.open(base))
@@ -53,7 +53,7 @@ def test_unsupported_adapters_are_one_line_errors(lora_family, tmp_path):
     import json
     import shutil
 
-    from evomerge.pool import Adapter, Checkpoint
+    from evomerge.weights import Adapter, Checkpoint
 
     root, base, experts, _ = lora_family
     bad = tmp_path / "dora"

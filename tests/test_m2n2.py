@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from populations import Candidate, Result, SpaceInfo
-from populations.m2n2 import (M2N2, M2N2Config, attraction, attraction_matrix, competition, cosine,
+from evomerge.populations import Candidate, Result, SpaceInfo
+from evomerge.populations.m2n2 import (M2N2, M2N2Config, attraction, attraction_matrix, competition, cosine,
                               crossover, worst_after_insert)
 
 S = np.array([[1, 1, 0],

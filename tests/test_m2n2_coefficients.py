@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from evomerge.errors import UserError
-from populations import Result, SpaceInfo, build_strategy
-from populations.m2n2 import M2N2, M2N2Config
-from populations.m2n2_coefficients import M2N2Coefficients
+from evomerge.populations import Result, SpaceInfo, build_strategy
+from evomerge.populations.m2n2 import M2N2, M2N2Config
+from evomerge.populations.m2n2_coefficients import M2N2Coefficients
 
 
 def digits_like(dim=257, seeds=3):

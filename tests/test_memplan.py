@@ -271,7 +271,7 @@ def test_bandwidth_assumed_without_a_gpu_and_the_table():
 # a space's plan ---------------------------------------------------------------------------------
 
 def space_cfg(root, method="ties", **kw):
-    from evomerge.hf_space import HFMergeSpaceConfig
+    from evomerge.spaces.hf_merge import HFMergeSpaceConfig
 
     base = config_dir(root, "base")
     experts = {k: str(config_dir(root, k)) for k in ("a", "b")}

@@ -36,8 +36,8 @@ def cases(tmp_path_factory):
     from safetensors.torch import load_file
 
     from evomerge.export import mergekit_config
-    from evomerge.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
-    from evomerge.hf_space import HFMergeSpace, HFMergeSpaceConfig
+    from evomerge.spaces.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
+    from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
     from evomerge.passthrough import mergekit_passthrough, stack_layers
 
     sys.path.insert(0, str(ROOT / "tests"))

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.errors import UserError
-from evomerge.pool import Checkpoint, check_compatible, check_finite, group_of, layer_index
+from evomerge.weights import Checkpoint, check_compatible, check_finite, group_of, layer_index
 
 
 @pytest.mark.parametrize("name, idx", [

@@ -14,9 +14,9 @@ import yaml
 from matplotlib.image import imread
 
 from evomerge.cli import main
-from populations import Result, SpaceInfo, build_strategy
-from populations.cmaes import CMAES, CMAESConfig
-from populations.m2n2 import M2N2Config
+from evomerge.populations import Result, SpaceInfo, build_strategy
+from evomerge.populations.cmaes import CMAES, CMAESConfig
+from evomerge.populations.m2n2 import M2N2Config
 
 ROOT = Path(__file__).resolve().parent.parent
 

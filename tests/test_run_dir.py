@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from commands import start
-from evomerge.cluster import MARK, PREFIX, is_loopback, listeners
+from evomerge.engine.cluster import MARK, PREFIX, is_loopback, listeners
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +170,7 @@ def test_a_run_in_which_every_evaluation_failed_exits_non_zero(tmp_path):
 def test_a_user_error_raised_in_a_starting_worker_stays_one_line(tmp_path):
     """What the driver cannot check (here: a task file gone by the time the workers start) still comes
     out as the worker's own one-line UserError, not Ray's ActorDiedError text or a traceback."""
-    from evomerge.cluster import RayCluster
+    from evomerge.engine.cluster import RayCluster
     from evomerge.config import validate
     from evomerge.engine import Engine
     from evomerge.errors import UserError

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from evomerge.errors import UserError
-from populations import STRATEGIES, Result, SpaceInfo, build_strategy
-from populations.cmaes import CMAES, CMAESConfig
+from evomerge.populations import STRATEGIES, Result, SpaceInfo, build_strategy
+from evomerge.populations.cmaes import CMAES, CMAESConfig
 
 DIM = 12
 
@@ -219,7 +219,7 @@ def test_frank_wolfe_state_round_trip_mid_step_and_bad_spaces():
 def test_evo_merging_keeps_the_relevant_experts_with_their_signs_and_scales_them():
     import pickle
 
-    from populations.evo_merging import EvoMergingConfig
+    from evomerge.populations.evo_merging import EvoMergingConfig
 
     names = [f"e{i}" for i in range(12)]
     target = {"e2": 0.8, "e5": 0.5, "e7": -0.6}

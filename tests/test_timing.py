@@ -16,7 +16,7 @@ from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.engine import TIMING_KEYS, Engine
 from evomerge.report import read_run, time_split
-from evomerge.worker import FitnessWorker
+from evomerge.engine.worker import FitnessWorker
 
 SYNTHETIC = {"seed": 2, "space": {"name": "synthetic", "dim": 4},
              "strategy": {"name": "random"}, "fitness": {"name": "synthetic", "n_examples": 4}}

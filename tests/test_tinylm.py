@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from evomerge.errors import UserError
-from evomerge.tinylm import build_family, build_tokenizer, zoo_main
-from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+from evomerge.demos.tinylm import build_family, build_tokenizer, zoo_main
+from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
 SKILLS = ["upper", "copy"]
 

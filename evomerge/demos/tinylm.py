@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import save_pretrained
+from ..errors import UserError
+from ..files import save_pretrained
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " +=-,:"
@@ -418,7 +418,7 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+    from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
     hf_logging.disable_progress_bar()
     if size not in SIZES:
@@ -531,7 +531,7 @@ def format_table(result: dict) -> str:
 
 def zoo_main(argv: list[str]) -> int:
     """`run.py zoo tinylm --out DIR [--size small|tiny] [--seed 0] [--skills a,b] [--unrelated K]`."""
-    from .cli import prog
+    from ..command import prog
 
     ap = argparse.ArgumentParser(
         prog=prog("zoo"), formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,11 +22,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .errors import UserError
-from .files import save_pretrained, save_safetensors
-from .memplan import MemoryConfig
-from .schema import Frozen
-from .space import SearchSpace
+from ..errors import UserError
+from ..files import save_pretrained, save_safetensors
+from ..memplan import MemoryConfig
+from ..schema import Frozen
+from .base import SearchSpace
 
 # searched (per expert) parameters of each method, in mergekit's names
 METHOD_PARAMS = {
@@ -127,7 +127,7 @@ def resolve_model(ref: str, what: str) -> Path:
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's model reference
         hint = ""
         if ref.startswith("zoo/"):
-            from .cli import prog
+            from ..command import prog
 
             name = ref.split("/")[1]
             hint = f"; build the demo models first: {prog('zoo')} {name} --out zoo/{name}"
@@ -137,7 +137,7 @@ def resolve_model(ref: str, what: str) -> Path:
 
 class HFMergeSpace(SearchSpace):
     def __init__(self, cfg: HFMergeSpaceConfig, seed: int):
-        from .pool import Checkpoint, check_compatible, group_of, open_expert
+        from ..weights import Checkpoint, check_compatible, group_of, open_expert
 
         self.cfg = cfg
         self.seed = seed
@@ -244,8 +244,8 @@ class HFMergeSpace(SearchSpace):
     def _prepare(self, out: Path) -> None:
         import torch
 
-        from .files import write_safetensors
-        from .kernels import MagnitudeTable
+        from ..files import write_safetensors
+        from ..kernels import MagnitudeTable
 
         names = [n for n in self.base.names() if self.base.tensor(n).is_floating_point()]
         for label, ck in self.experts.items():
@@ -266,7 +266,7 @@ class HFMergeSpace(SearchSpace):
                     tmp.unlink(missing_ok=True)
             stats = out / f"{label}.magnitudes.safetensors"
             if self.cfg.method in BAND_METHODS and not stats.exists():
-                from .pool import _mapped
+                from ..weights import _mapped
 
                 deltas = _mapped(target)
                 tables = {}
@@ -342,10 +342,10 @@ class MergeRuntime(ResidentModel):
     def __init__(self, space: HFMergeSpace, device: str):
         import torch
 
-        from .inputs import MergeInputs
-        from .kernels import MagnitudeTable, Merger, slerp_stats, spec_for
-        from .memplan import make_plan
-        from .pool import _mapped
+        from ..inputs import MergeInputs
+        from ..kernels import MagnitudeTable, Merger, slerp_stats, spec_for
+        from ..memplan import make_plan
+        from ..weights import _mapped
 
         super().__init__(space.base_path, space.base.names(), space.cfg.dtype, device)
         self.space = space

@@ -1,11 +1,12 @@
 """Registry of search spaces: add one with a module and a line in SPACES."""
 from __future__ import annotations
 
-from .api_space import APIWeightsSpace, APIWeightsSpaceConfig
+from .api_weights import APIWeightsSpace, APIWeightsSpaceConfig
 from .hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
-from .hf_space import HFMergeSpace, HFMergeSpaceConfig
-from .schema import Frozen
-from .space import DigitsMLPSpace, DigitsMLPSpaceConfig, SearchSpace
+from .hf_merge import HFMergeSpace, HFMergeSpaceConfig
+from ..schema import Frozen
+from .base import SearchSpace
+from .digits import DigitsMLPSpace, DigitsMLPSpaceConfig
 from .synthetic import SyntheticSpace, SyntheticSpaceConfig
 
 SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {

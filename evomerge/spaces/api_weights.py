@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .hf_space import Range
-from .schema import Frozen
-from .space import SearchSpace
+from .hf_merge import Range
+from ..schema import Frozen
+from .base import SearchSpace
 
 
 class APIWeightsSpaceConfig(Frozen):

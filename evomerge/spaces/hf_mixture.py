@@ -22,10 +22,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .errors import UserError
-from .hf_space import Models, ResidentModel, resolve_model, save_point
-from .schema import Frozen
-from .space import SearchSpace
+from ..errors import UserError
+from .hf_merge import Models, ResidentModel, resolve_model, save_point
+from ..schema import Frozen
+from .base import SearchSpace
 
 
 class HFMixtureSpaceConfig(Frozen):
@@ -44,7 +44,7 @@ class HFMixtureSpaceConfig(Frozen):
 
 class HFMixtureSpace(SearchSpace):
     def __init__(self, cfg: HFMixtureSpaceConfig, seed: int):
-        from .pool import Checkpoint, check_compatible, is_float_dtype, open_expert
+        from ..weights import Checkpoint, check_compatible, is_float_dtype, open_expert
 
         self.cfg = cfg
         self.seed = seed

@@ -12,8 +12,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .schema import Frozen
-from .space import SearchSpace
+from ..schema import Frozen
+from .base import SearchSpace
 
 
 class SyntheticSpaceConfig(Frozen):

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from populations import STRATEGIES, Candidate, Result, Strategy
+from evomerge.populations import STRATEGIES, Candidate, Result, Strategy
 
-from .config import RunConfig
-from .errors import UserError
-from .journal import Journal, pack_scores, unpack_scores, write_checkpoint
-from .pareto import ParetoFront
-from .progress import Progress
-from .rundir import RunDir
-from .space import SearchSpace
+from ..config import RunConfig
+from ..errors import UserError
+from ..journal import Journal, pack_scores, unpack_scores, write_checkpoint
+from ..pareto import ParetoFront
+from ..progress import Progress
+from ..rundir import RunDir
+from ..spaces.base import SearchSpace
 from .worker import FitnessWorker
 
 
@@ -114,7 +114,7 @@ class Engine:
         self.sessions = 0
         self.best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
         self.cache: OrderedDict[str, tuple[dict, np.ndarray | None]] = OrderedDict()
-        from fitness import FITNESSES
+        from evomerge.fitness import FITNESSES
 
         objectives = FITNESSES[cfg.fitness.name][1].objectives(cfg.fitness)
         self.front = ParetoFront(objectives) if len(objectives) > 1 else None
@@ -146,7 +146,7 @@ class Engine:
         `shared_state` (what a resumed run's checkpoint holds), so every worker finds it."""
         import ray
 
-        from fitness import FITNESSES
+        from evomerge.fitness import FITNESSES
 
         opener = getattr(FITNESSES[self.cfg.fitness.name][1], "open_shared", None)
         self.shared = opener(self.cfg.fitness, shared_state) if opener is not None else None

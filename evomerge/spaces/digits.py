@@ -1,51 +1,15 @@
-"""Search spaces: what a strategy's vector means and how the chosen model is saved.
-
-A strategy only sees a bounded (or unbounded) float vector of `dim` numbers and a few seed
-points; the space says what that vector is. The embedded `digits_mlp` space is the dense
-parameter vector of the digits MLP itself.
-"""
+"""The embedded digits space: every weight of the digits MLP as one vector (the M2N2 paper's task)."""
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
-from .schema import Frozen
-
-
-class SearchSpace(ABC):
-    """A vector space the strategies search, with seed points and a way to save a point."""
-
-    dim: int
-    lower: np.ndarray | None = None  # per-coordinate bounds, or None when unbounded
-    upper: np.ndarray | None = None
-    random_seeds: bool = False  # seeds are random initialisations (not trained models)
-
-    @abstractmethod
-    def seeds(self) -> list[np.ndarray]:
-        """Starting points (float32 vectors of length dim), e.g. the experts to merge."""
-
-    @abstractmethod
-    def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
-        """Write the model that point x stands for into directory."""
-
-    def describe(self) -> dict:
-        return {"dim": self.dim, "bounded": self.lower is not None}
-
-    def prepare(self) -> None:
-        """Once-per-run work before the workers start (e.g. writing task vectors); default none."""
-
-    def recipe(self, x: np.ndarray) -> dict | None:
-        """The JSON description of point x that evals.jsonl logs (None: the vector is the model)."""
-        return None
-
-    def decode(self, x: np.ndarray):
-        """What a worker materializes for point x (here: the vector itself)."""
-        return x
+from ..schema import Frozen
+from .base import SearchSpace
 
 
 class DigitsMLPSpaceConfig(Frozen):
@@ -64,7 +28,7 @@ class DigitsMLPSpace(SearchSpace):
     """The embedded task of the M2N2 paper: every weight of a 64-256-10 MLP on sklearn's 8x8 digits (19,210
     numbers), seeded by two experts (digits 0-4 and 5-9) or two random models."""
 
-    dim = 19_210  # evomerge.digits.N_PARAMS, without importing torch for the config
+    dim = 19_210  # evomerge.demos.digits.N_PARAMS, without importing torch for the config
 
     def __init__(self, cfg: DigitsMLPSpaceConfig, seed: int):
         self.cfg = cfg
@@ -72,7 +36,7 @@ class DigitsMLPSpace(SearchSpace):
         self.random_seeds = cfg.init == "scratch"
 
     def seeds(self) -> list[np.ndarray]:
-        from . import digits
+        from ..demos import digits
 
         if self.cfg.init == "scratch":
             rng = np.random.default_rng([self.seed, 1])  # a stream apart from the strategy's
@@ -84,8 +48,8 @@ class DigitsMLPSpace(SearchSpace):
                 for init, classes in zip(inits, (range(0, 5), range(5, 10)))]
 
     def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
-        from . import digits
-        from .files import save_safetensors
+        from ..demos import digits
+        from ..files import save_safetensors
 
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().clone() for k, v in digits.unflatten(np.asarray(x, np.float32)).items()}
@@ -94,7 +58,7 @@ class DigitsMLPSpace(SearchSpace):
         (directory / "README.md").write_text(_DIGITS_README)
 
     def describe(self) -> dict:
-        from . import digits
+        from ..demos import digits
 
         return {"dim": self.dim, "bounded": False, "layout": [
             {"name": n, "shape": list(s)} for n, s in digits.LAYOUT]}

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class FitnessWorker:
@@ -24,9 +24,9 @@ class FitnessWorker:
             self.start_error = e  # with .cause), but of a failed actor constructor only a message string
 
     def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple, gpu_share: float) -> None:
-        from fitness import ModelFitness, RecipeFitness, build_fitness
+        from evomerge.fitness import ModelFitness, RecipeFitness, build_fitness
 
-        from .spaces import build_space
+        from ..spaces import build_space
 
         # torch is imported only by what needs it (seconds saved when a worker starts or is replaced)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))

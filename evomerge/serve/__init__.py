@@ -37,7 +37,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import UserError
+from ..errors import UserError
 
 # the largest magnitude of a merge coefficient in a request: a task-arithmetic weight of 100 already
 # swamps the base model; beyond, a merge only overflows (1e308 * a tensor is Inf, then NaN)
@@ -483,7 +483,7 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
 
 def serve_main(argv: list[str]) -> int:
     """`evomerge serve --config X | --run RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]`."""
-    from .cli import prog
+    from ..command import prog
 
     ap = argparse.ArgumentParser(
         prog=prog("serve"), formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -571,9 +571,9 @@ def bind_socket(host: str, port: int):
 
 def build_host(config: str | None, run: str | None, device: str | None, merge_cache: int = 0,
                max_context: int | None = None) -> ModelHost:
-    from .config import load_config
-    from .export import find_recipe
-    from .spaces import build_space
+    from ..config import load_config
+    from ..export import find_recipe
+    from ..spaces import build_space
 
     if bool(config) == bool(run):
         raise UserError("serve: give --config YAML or --run RUN_DIR")

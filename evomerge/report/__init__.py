@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 TIMING_KEYS = ("merge_s", "transfer_s", "score_s")  # per evaluated candidate, as the engine logs them
 MAX_METRICS = 12  # tasks.png: at most this many metrics
@@ -35,7 +35,7 @@ CHECKPOINT_MAX_BYTES = 2 << 30  # archive.png: larger checkpoints are not unpick
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import prog
+    from ..command import prog
 
     p = argparse.ArgumentParser(
         prog=prog("report"),
@@ -232,7 +232,7 @@ def _objectives(config: dict, summary: dict | None) -> list[str]:
     if summary is not None:
         return list((summary.get("pareto_front") or {}).get("objectives") or [])
     try:
-        from fitness import FITNESSES
+        from evomerge.fitness import FITNESSES
 
         cfg = dict(config["fitness"])
         cfg_cls, cls = FITNESSES[cfg["name"]]

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 PREFIX = "evomerge-ray-"
 OWNER_LOCK = "owner.lock"
