@@ -19,6 +19,11 @@ import numpy as np
 from .errors import UserError
 
 CHECKPOINT = "checkpoint.pkl"
+
+
+def journal_name(n: int) -> str:
+    return f"journal-{n:06d}.bin"
+
 _LEN = struct.Struct("<Q")
 
 

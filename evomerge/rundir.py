@@ -19,6 +19,13 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK = ".lock"
+# the files of a run directory: every module reads and writes them through this one
+CONFIG = "config.yaml"
+EVALS = "evals.jsonl"
+EVENTS = "workers.jsonl"
+STATS = "strategy.jsonl"
+SUMMARY = "summary.json"
+BEST = "best"
 MIN_FREE_BYTES = 16 << 20  # --out on a file system with less free space is refused before start-up
 
 
@@ -115,7 +122,7 @@ class RunDir:
 
     def __init__(self, path: Path, lock, created: bool = False):
         self.path = Path(path)
-        self.best = self.path / "best"
+        self.best = self.path / BEST
         self._lock = lock
         self._created = created  # made by claim(): removed again if the run never starts
         self._evals = None
@@ -154,7 +161,7 @@ class RunDir:
 
     def start(self, config_yaml: str) -> None:
         """The run begins: config.yaml and the logs are written from now on."""
-        write_atomic(self.path / "config.yaml", config_yaml)
+        write_atomic(self.path / CONFIG, config_yaml)
         self._open()
         self.started = True
 
@@ -166,14 +173,14 @@ class RunDir:
 
         path = Path(path)
         flag = f"--resume {path}"
-        if not (path / "config.yaml").is_file() or not (path / CHECKPOINT).is_file():
+        if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
             raise UserError(f"{flag}: not a run directory with a checkpoint (config.yaml and checkpoint.pkl "
                             "expected)")
         run = cls(path, _take_lock(path, "--resume"))
         try:
             run.checkpoint = read_checkpoint(path, flag)
             told = run.checkpoint["engine"]["counts"]["told"]
-            evals = path / "evals.jsonl"
+            evals = path / EVALS
             if not evals.is_file():
                 if told:
                     raise UserError(f"{flag}: {evals} is missing ({told} evaluations were logged there); "
@@ -192,9 +199,9 @@ class RunDir:
         return run
 
     def _open(self) -> None:
-        self._evals = open(self.path / "evals.jsonl", "a", buffering=1 << 16)
-        self._events = open(self.path / "workers.jsonl", "a", buffering=1)
-        self._stats = open(self.path / "strategy.jsonl", "a", buffering=1)
+        self._evals = open(self.path / EVALS, "a", buffering=1 << 16)
+        self._events = open(self.path / EVENTS, "a", buffering=1)
+        self._stats = open(self.path / STATS, "a", buffering=1)
 
     def log_event(self, event: dict) -> None:
         self._events.write(dumps({"time": round(time.time(), 3), **event}) + "\n")
@@ -213,10 +220,29 @@ class RunDir:
             self._evals.flush()
 
     def write_config(self, config_yaml: str) -> None:
-        write_atomic(self.path / "config.yaml", config_yaml)
+        write_atomic(self.path / CONFIG, config_yaml)
 
     def write_summary(self, summary: dict) -> None:
-        write_atomic(self.path / "summary.json", dumps(summary, indent=2) + "\n")
+        write_atomic(self.path / SUMMARY, dumps(summary, indent=2) + "\n")
+
+    # resume: the checkpoint and the journal of the calls since (see journal.py)
+    def write_checkpoint(self, state: dict) -> None:
+        """checkpoint.pkl, replaced atomically (fsynced before the rename)."""
+        from .journal import write_checkpoint
+
+        write_checkpoint(self.path, state)
+
+    def open_journal(self, n: int):
+        """Journal number n (the one checkpoint number n names), opened for appending."""
+        from .journal import Journal, journal_name
+
+        return Journal(self.path / journal_name(n))
+
+    def read_journal(self, n: int) -> list[tuple]:
+        """Every complete entry of journal number n (none when it does not exist)."""
+        from .journal import Journal, journal_name
+
+        return Journal.read(self.path / journal_name(n))
 
     def close(self) -> None:
         """Close the logs and release the lock; a claimed directory the run never started is removed."""

@@ -22,7 +22,7 @@ from evomerge.populations import STRATEGIES, Candidate, Result, Strategy
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..journal import Journal, pack_scores, unpack_scores, write_checkpoint
+from ..journal import pack_scores, unpack_scores
 from ..pareto import ParetoFront
 from ..progress import Progress
 from ..rundir import RunDir
@@ -130,7 +130,7 @@ class Engine:
         self.given_up: dict[int, str] = {}  # workers that could not start (this session) -> why
         self.logged: set[int] = set()  # ids already in evals.jsonl (while resuming)
         self.replaying = False
-        self.journal: Journal | None = None
+        self.journal = None  # the open journal (RunDir.open_journal)
         self.journal_no = 0
         self.stats_every: int | None = None  # strategy.jsonl: a line every this many tells, else every
         self.stats_mark = 0                  # STATS_EVERY_S of search; told // stats_every at the last line
@@ -326,7 +326,7 @@ class Engine:
         self.load_state_dict(ckpt["engine"])
         self.journal_no = ckpt["journal_no"]
         self.logged = rundir.logged_ids
-        ops = Journal.read(run / journal_name(self.journal_no))
+        ops = rundir.read_journal(self.journal_no)
         self.replaying = True
         last_t = 0.0  # search seconds of the last tell: a killed session's time since its checkpoint counts
         try:
@@ -357,9 +357,9 @@ class Engine:
     def _checkpoint(self) -> None:
         old = self.journal
         self.journal_no += 1
-        write_checkpoint(self.rundir.path, {"version": 1, "journal_no": self.journal_no,
-                                            "strategy": self.strategy.state_dict(), "engine": self.state_dict()})
-        self.journal = Journal(self.rundir.path / journal_name(self.journal_no))
+        self.rundir.write_checkpoint({"version": 1, "journal_no": self.journal_no,
+                                      "strategy": self.strategy.state_dict(), "engine": self.state_dict()})
+        self.journal = self.rundir.open_journal(self.journal_no)
         if old is not None:
             old.close()
             old.path.unlink(missing_ok=True)
@@ -828,10 +828,6 @@ class Engine:
 
 
 _RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t", *TIMING_KEYS)
-
-
-def journal_name(n: int) -> str:
-    return f"journal-{n:06d}.bin"
 
 
 def _first_line(err: Exception) -> str:
