@@ -179,8 +179,14 @@ class HFMergeSpace(SearchSpace):
         groups = {g: {p: [v] * n for p, v in self.fixed.items()} for g in self.groups}
         for (g, p, e), v in zip(self.layout, x):
             groups[g].setdefault(p, []).append(round(float(v), 7))
-        recipe = {"method": self.cfg.method, "experts": self.labels, "groups": groups, "seed": self.seed}
-        if self.cfg.normalize is not None:
+        return self.recipe_of(groups)
+
+    def recipe_of(self, groups: dict[str, dict[str, list[float]]], method: str | None = None) -> dict:
+        """The recipe of these values per tensor group ({group: {param: one value per expert}}) over the
+        space's experts and seed: merged by the space's method (and its normalize), or by `method` as given
+        (without normalize)."""
+        recipe = {"method": method or self.cfg.method, "experts": self.labels, "groups": groups, "seed": self.seed}
+        if method is None and self.cfg.normalize is not None:
             recipe["normalize"] = self.cfg.normalize
         return recipe
 
