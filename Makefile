@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# the test tools and the optional extras the tests exercise (pytest, pytest-xdist, peft, lm-eval)
+# the test tools, the linters and the optional extras the tests exercise (pytest, pytest-xdist, ruff, import-linter,
+# peft, lm-eval)
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
@@ -21,9 +22,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) run.py --config configs/quickstart.yaml
 
-# two test processes, one test file each (module fixtures are built once)
-test: $(VENV)/.installed-dev
+# ruff first (seconds), then two test processes, one test file each (module fixtures are built once);
+# tests/test_architecture.py runs import-linter's contracts (pyproject.toml [tool.importlinter])
+test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/digits.py

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         print(f"{method}: merge {merge_s:.3f} s (transfer {transfer_s:.3f} s overlapped), score {score_s:.3f} s "
               f"({r['tokens_per_s']:.0f} tokens/s), streamed {r['streamed_gb']:.1f} GB, "
               f"{100 * r['fraction']:.0f}% of {ref_name} ({ref:.1f} GB/s), peak {peak}")
-        del inputs, sources
+        inputs = sources = None  # freed before the next method
     report = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "params": n_params,
               "experts": args.experts, "cap_gib": args.cap_gb, "build_s": build_s, "kernel": args.kernel,
               "methods": rows, "torch": torch.__version__}
