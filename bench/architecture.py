@@ -6,7 +6,8 @@ Counted over the three packages (evomerge, populations, fitness; after issue 15 
 evomerge.populations / evomerge.fitness, and are counted the same way from their folders).
 - module size: lines of each .py file; class size: lines from `class` to its last statement (ast);
 - import cycles: strongly connected components of more than one module in the module import graph
-  (grimp, the graph import-linter checks), and the same at package level (evomerge / populations / fitness);
+  (grimp, the graph import-linter checks), and the same between the units directly under evomerge (its
+  modules and sub-packages; fitness and populations count as two of them);
 - `grep -c "hasattr\\|getattr("`: lines matching, summed over the files.
 """
 from __future__ import annotations
@@ -44,23 +45,31 @@ def grep_count() -> int:
 
 
 def _sccs(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Tarjan's strongly connected components (iterative)."""
-    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    """Strongly connected components of more than one node (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+
     for root in graph:
         if root in index:
             continue
+        visit(root)
         work = [(root, iter(graph[root]))]
-        index[root] = low[root] = counter[0]; counter[0] += 1
-        stack.append(root); on.add(root)
         while work:
             v, it = work[-1]
             for w in it:
                 if w not in index:
-                    index[w] = low[w] = counter[0]; counter[0] += 1
-                    stack.append(w); on.add(w)
+                    visit(w)
                     work.append((w, iter(graph[w])))
                     break
-                if w in on:
+                if w in on_stack:
                     low[v] = min(low[v], index[w])
             else:
                 work.pop()
@@ -69,7 +78,9 @@ def _sccs(graph: dict[str, set[str]]) -> list[list[str]]:
                 if low[v] == index[v]:
                     comp = []
                     while True:
-                        w = stack.pop(); on.discard(w); comp.append(w)
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        comp.append(w)
                         if w == v:
                             break
                     if len(comp) > 1:
@@ -78,11 +89,28 @@ def _sccs(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def import_graph() -> dict[str, set[str]]:
+    """The module graph as installed: since issue 15 fitness/ and populations/ install inside evomerge (a
+    staged copy in that layout is read); before, they were top-level packages beside it."""
+    import shutil
+    import tempfile
+
     import grimp
 
-    sys.path.insert(0, str(ROOT))
-    tops = [t for t in FOLDERS if (ROOT / t / "__init__.py").is_file()]
-    g = grimp.build_graph(*tops, cache_dir=None)
+    nested = "evomerge.fitness" in (ROOT / "evomerge" / "config.py").read_text()
+    if not nested:
+        sys.path.insert(0, str(ROOT))
+        return _graph(grimp.build_graph(*FOLDERS, cache_dir=None))
+    with tempfile.TemporaryDirectory() as stage:
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ROOT / "evomerge", Path(stage) / "evomerge", ignore=ignore)
+        for name in ("fitness", "populations"):
+            shutil.copytree(ROOT / name, Path(stage) / "evomerge" / name, ignore=ignore)
+        sys.path.insert(0, stage)
+        sys.modules.pop("evomerge", None)
+        return _graph(grimp.build_graph("evomerge", cache_dir=None))
+
+
+def _graph(g) -> dict[str, set[str]]:
     graph = {m: set() for m in g.modules}
     for m in g.modules:
         for other in g.find_modules_directly_imported_by(m):
@@ -92,10 +120,13 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def package_of(module: str) -> str:
+    """The unit a module belongs to: a module or sub-package directly under evomerge (fitness and populations
+    count as evomerge.fitness / evomerge.populations in either layout); cycles between these units are what
+    import-linter's acyclic_siblings contract forbids at the top."""
     parts = module.split(".")
-    if parts[0] == "evomerge" and len(parts) > 1 and parts[1] in ("populations", "fitness"):
-        return parts[1]
-    return parts[0]
+    if parts[0] != "evomerge":
+        return f"evomerge.{parts[0]}"
+    return ".".join(parts[:2])
 
 
 def main() -> int:
@@ -116,13 +147,14 @@ def main() -> int:
     out = {"modules": len(mods), "lines": sum(n for n, _ in mods),
            "largest_modules": mods[:5], "largest_classes": classes[:5],
            "modules_over_400": [m for m in mods if m[0] > 400], "classes_over_250": [c for c in classes if c[0] > 250],
-           "module_cycles": cycles, "package_cycles": pkg_cycles, "hasattr_getattr_lines": grep_count()}
+           "module_cycles": cycles, "unit_cycles": pkg_cycles, "hasattr_getattr_lines": grep_count()}
     print(f"{out['modules']} modules, {out['lines']} lines")
     print("largest modules: " + ", ".join(f"{p} {n}" for n, p in mods[:5]))
     print("largest classes: " + ", ".join(f"{p} {n}" for n, p in classes[:5]))
-    print(f"modules over 400 lines: {len(out['modules_over_400'])}; classes over 250 lines: {len(out['classes_over_250'])}")
+    print(f"modules over 400 lines: {len(out['modules_over_400'])}; "
+          f"classes over 250 lines: {len(out['classes_over_250'])}")
     print(f"import cycles (modules): {len(cycles)}" + "".join(f"\n  {' <-> '.join(c)}" for c in cycles))
-    print(f"import cycles (packages): {len(pkg_cycles)}" + "".join(f"\n  {' <-> '.join(c)}" for c in pkg_cycles))
+    print(f"import cycles (units under evomerge): {len(pkg_cycles)}" + "".join(f"\n  {' <-> '.join(c)}" for c in pkg_cycles))
     print(f'grep -c "hasattr\\|getattr(" lines: {out["hasattr_getattr_lines"]}')
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
