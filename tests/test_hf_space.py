@@ -90,11 +90,9 @@ def test_slerp_needs_one_expert(family):
 
 
 def test_mergekit_yaml_names_every_tensor(family):
-    from evomerge.export import mergekit_config
-
     s = space(family, method="ties", normalize=False)
     x = np.random.default_rng(1).uniform(s.lower, s.upper)
-    cfg = mergekit_config(s, s.decode(x))
+    cfg = s.mergekit_config(s.decode(x))
     assert cfg["merge_method"] == "ties" and cfg["parameters"] == {"normalize": False}
     assert [m["model"] for m in cfg["models"]] == [str(p) for p in family[2].values()]
     w = cfg["models"][0]["parameters"]["weight"]

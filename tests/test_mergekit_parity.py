@@ -35,7 +35,6 @@ def cases(tmp_path_factory):
     import numpy as np
     from safetensors.torch import load_file
 
-    from evomerge.export import mergekit_config
     from evomerge.spaces.hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
     from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
     from evomerge.passthrough import mergekit_passthrough, stack_layers
@@ -69,7 +68,7 @@ def cases(tmp_path_factory):
                                                 models=spec), seed=0)
         recipe = space.decode(np.random.default_rng(3).uniform(space.lower, space.upper))
         ours[f"exported_{method}"] = params(space.open_runtime("cpu").materialize(recipe))
-        jobs.append((f"exported_{method}", mergekit_config(space, recipe)))
+        jobs.append((f"exported_{method}", space.mergekit_config(recipe)))
     space = HFMixtureSpace(HFMixtureSpaceConfig(name="hf_mixture", include_base=True, cache_dir=str(root / "mix"),
                                                 models=spec), seed=0)
     recipe = space.decode(np.random.default_rng(3).normal(0.3, 0.5, space.dim))

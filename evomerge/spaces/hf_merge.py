@@ -205,6 +205,43 @@ class HFMergeSpace(SearchSpace):
             raise UserError(f"space.method: {self.cfg.method}: gradients with respect to the merge weights need "
                             f"{' or '.join(GRADIENT_METHODS)} (a merge linear in the weights)")
 
+    def mergekit_config(self, recipe: dict) -> dict:
+        """A mergekit YAML (as a dict) that reproduces the recipe's tensors with `mergekit-yaml`.
+
+        Per-group values become per-tensor conditional parameters (`filter` = the full tensor
+        name, which mergekit matches as a substring, first match wins).
+        """
+        from ..methods import METHODS
+
+        entry = METHODS.get(recipe["method"])
+        if entry is None or entry.mergekit is None:
+            raise UserError(f"--mergekit: method {recipe['method']} has no mergekit equivalent")
+        names = [n for n in self.base.names() if n in self.tensor_group]
+        groups = recipe["groups"]
+
+        def per_tensor(param: str, index: int):
+            values = [{"filter": n, "value": groups[self.tensor_group[n]][param][index]} for n in names
+                      if param in groups[self.tensor_group[n]]]
+            distinct = {v["value"] for v in values}
+            return values[0]["value"] if len(distinct) == 1 else values
+
+        base = str(self.base_path)
+        experts = [str(self.expert_paths[label]) for label in recipe["experts"]]
+        cfg: dict = {"merge_method": entry.mergekit, "dtype": "float32"}
+        if entry.inputs == "slerp":
+            cfg["base_model"] = base
+            cfg["models"] = [{"model": base}, {"model": experts[0]}]
+            cfg["parameters"] = {"t": per_tensor("t", 0)}
+            return cfg
+        params = [p for p in ("weight", "density", "gamma") if any(p in g for g in groups.values())]
+        cfg["models"] = [{"model": path, "parameters": {p: per_tensor(p, i) for p in params}}
+                         for i, path in enumerate(experts)]
+        if entry.task_vectors:
+            cfg["base_model"] = base
+        if "normalize" in recipe:
+            cfg["parameters"] = {"normalize": recipe["normalize"]}
+        return cfg
+
     # worker side ------------------------------------------------------------------------------
     def open_runtime(self, device: str | None = None) -> "MergeRuntime":
         if self.runtime is None:
