@@ -24,7 +24,7 @@ from common import ROOT, write_results  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 from evomerge.config import load_config  # noqa: E402
-from evomerge.export import find_recipe  # noqa: E402
+from evomerge.rundir import CONFIG, find_recipe  # noqa: E402
 from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
 CONFIG = "configs/tinylm_ties_cmaes.yaml"
@@ -45,7 +45,7 @@ def main() -> None:
     if not args.run:
         subprocess.run([sys.executable, "run.py", "--config", CONFIG, "--out", str(run), "--no-progress"],
                        cwd=ROOT, check=True)
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / CONFIG)
     worker = FitnessWorker(0, cfg.space, cfg.fitness, cfg.seed, threads=2)
     space, rt, fit = worker.space, worker.runtime, worker.fitness
     tasks = [t.name for t in cfg.fitness.tasks]

@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = RunDir.claim(out)  # created and locked, before anything starts; removed if we stop early
     try:
         if args.resume:
-            cfg = validate(apply_sets(read_yaml(out / "config.yaml"), args.set))
+            cfg = validate(apply_sets(read_yaml(run.config_file), args.set))
             _check_memory(cfg)
         summary = _search(args, cfg, run, t_start)
     finally:

@@ -1,4 +1,5 @@
-"""A run's state on disk: an atomic checkpoint plus a write-ahead journal of what happened since.
+"""A run's state on disk: an atomic checkpoint plus a write-ahead journal of what happened since (the
+format; their files are named and opened by `evomerge.rundir`).
 
 The checkpoint (``checkpoint.pkl``, written to a temporary file, fsynced, then renamed) holds the
 strategy's state, the engine's state (candidates asked and not yet told, counters, best so far) and
@@ -17,12 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-
-CHECKPOINT = "checkpoint.pkl"
-
-
-def journal_name(n: int) -> str:
-    return f"journal-{n:06d}.bin"
 
 _LEN = struct.Struct("<Q")
 
@@ -88,8 +83,9 @@ class Journal:
         return ops
 
 
-def write_checkpoint(run: Path, state: dict) -> None:
-    path = Path(run) / CHECKPOINT
+def write_checkpoint(path: Path, state: dict) -> None:
+    """The checkpoint `state` as file `path`, replaced atomically (fsynced before the rename)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -101,10 +97,10 @@ def write_checkpoint(run: Path, state: dict) -> None:
 CHECKPOINT_KEYS = ("version", "journal_no", "strategy", "engine")
 
 
-def read_checkpoint(run: Path, flag: str = "--resume") -> dict:
-    """The checkpoint of run directory `run`; a UserError naming the file when it is missing, empty,
-    truncated or not a checkpoint of this version."""
-    path = Path(run) / CHECKPOINT
+def read_checkpoint(path: Path, flag: str = "--resume") -> dict:
+    """The checkpoint in file `path`; a UserError naming the file when it is missing, empty, truncated or
+    not a checkpoint of this version."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:
             state = pickle.load(f)

@@ -2,11 +2,13 @@
 metrics, higher is better), kept incrementally during a run, and selection by preference weights."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UserError
+from .rundir import iter_evals
 
 
 def dominates(a: tuple, b: tuple) -> bool:
@@ -58,14 +60,34 @@ def parse_preference(text: str, objectives: list[str]) -> dict[str, float]:
     return weights
 
 
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Rows of `points` (higher is better) no other row beats on every column; of equal rows, the first
+    (the members ParetoFront keeps, added in row order)."""
+    n = len(points)
+    keep = np.zeros(n, bool)
+    if n == 0:
+        return keep
+    uniq, first = np.unique(points, axis=0, return_index=True)
+    order = np.lexsort(uniq.T[::-1])[::-1]  # lexicographically descending: no later row dominates an earlier one
+    front: list[np.ndarray] = []
+    for j in order:
+        p = uniq[j]
+        if front:
+            f = np.asarray(front)
+            if np.any(np.all(f >= p, axis=1)):  # unique rows: >= everywhere means dominates
+                continue
+        front.append(p)
+        keep[first[j]] = True
+    return keep
+
+
 def front_of_run(run: Path, objectives: list[str]) -> ParetoFront:
+    """The front of run directory `run`'s evaluations (not failed, not cached), from evals.jsonl."""
     front = ParetoFront(objectives)
-    with open(Path(run) / "evals.jsonl") as f:
-        for line in f:
-            rec = json.loads(line)
-            if not rec.get("failed") and rec.get("cached_from") is None:
-                metrics = {k: math.nan if v is None else v for k, v in (rec.get("metrics") or {}).items()}
-                front.add(rec["id"], rec["fitness"], metrics)  # null: a non-finite number (rundir.dumps)
+    for rec in iter_evals(run):
+        if not rec.get("failed") and rec.get("cached_from") is None:
+            metrics = {k: math.nan if v is None else v for k, v in (rec.get("metrics") or {}).items()}
+            front.add(rec["id"], rec["fitness"], metrics)  # null: a non-finite number (rundir.dumps)
     return front
 
 

@@ -1,6 +1,5 @@
-"""The run directory: config.yaml, evals.jsonl (append-only), workers.jsonl (worker starts and
-replacements), strategy.jsonl (the strategy's statistics over time), checkpoint.pkl + journal-N.bin
-(resume), summary.json, best/, report/ (`report` command), .lock (the writer's lock).
+"""The writer of a run directory: `RunDir` (the lock, config.yaml, the logs, summary.json, the checkpoint
+and its journal) and the strict JSON every log line is written in.
 
 One process writes a run directory: it holds an OS lock on ``.lock`` (flock, released when the process
 dies, so a SIGKILLed driver leaves no stale lock) from before Ray starts until it exits. A new run
@@ -16,16 +15,10 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from .names import BEST, CHECKPOINT, CONFIG, EVALS, EVENTS, LOCK, STATS, SUMMARY, journal_name
+from .reader import read_checkpoint
 
-LOCK = ".lock"
-# the files of a run directory: every module reads and writes them through this one
-CONFIG = "config.yaml"
-EVALS = "evals.jsonl"
-EVENTS = "workers.jsonl"
-STATS = "strategy.jsonl"
-SUMMARY = "summary.json"
-BEST = "best"
 MIN_FREE_BYTES = 16 << 20  # --out on a file system with less free space is refused before start-up
 
 
@@ -122,7 +115,8 @@ class RunDir:
 
     def __init__(self, path: Path, lock, created: bool = False):
         self.path = Path(path)
-        self.best = self.path / BEST
+        self.best = self.path / BEST  # the best model's directory
+        self.config_file = self.path / CONFIG  # the resolved config (written by start)
         self._lock = lock
         self._created = created  # made by claim(): removed again if the run never starts
         self._evals = None
@@ -161,7 +155,7 @@ class RunDir:
 
     def start(self, config_yaml: str) -> None:
         """The run begins: config.yaml and the logs are written from now on."""
-        write_atomic(self.path / CONFIG, config_yaml)
+        write_atomic(self.config_file, config_yaml)
         self._open()
         self.started = True
 
@@ -169,8 +163,6 @@ class RunDir:
     def open(cls, path: Path) -> "RunDir":
         """An existing run directory, to resume, locked and checked before anything starts: the
         checkpoint loads, evals.jsonl holds every evaluation it counts. Nothing is changed on a refusal."""
-        from .journal import CHECKPOINT, read_checkpoint
-
         path = Path(path)
         flag = f"--resume {path}"
         if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
@@ -220,7 +212,7 @@ class RunDir:
             self._evals.flush()
 
     def write_config(self, config_yaml: str) -> None:
-        write_atomic(self.path / CONFIG, config_yaml)
+        write_atomic(self.config_file, config_yaml)
 
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / SUMMARY, dumps(summary, indent=2) + "\n")
@@ -228,19 +220,19 @@ class RunDir:
     # resume: the checkpoint and the journal of the calls since (see journal.py)
     def write_checkpoint(self, state: dict) -> None:
         """checkpoint.pkl, replaced atomically (fsynced before the rename)."""
-        from .journal import write_checkpoint
+        from ..journal import write_checkpoint
 
-        write_checkpoint(self.path, state)
+        write_checkpoint(self.path / CHECKPOINT, state)
 
     def open_journal(self, n: int):
         """Journal number n (the one checkpoint number n names), opened for appending."""
-        from .journal import Journal, journal_name
+        from ..journal import Journal
 
         return Journal(self.path / journal_name(n))
 
     def read_journal(self, n: int) -> list[tuple]:
         """Every complete entry of journal number n (none when it does not exist)."""
-        from .journal import Journal, journal_name
+        from ..journal import Journal
 
         return Journal.read(self.path / journal_name(n))
 

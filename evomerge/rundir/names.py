@@ -1,0 +1,18 @@
+"""The names of a run directory's files: the one place they are spelled (every module reads and writes a
+run directory through `evomerge.rundir`)."""
+from __future__ import annotations
+
+CONFIG = "config.yaml"  # the resolved config
+EVALS = "evals.jsonl"  # one record per evaluation, append-only
+EVENTS = "workers.jsonl"  # worker starts and replacements
+STATS = "strategy.jsonl"  # the strategy's statistics over time
+SUMMARY = "summary.json"  # written at the end of a session
+CHECKPOINT = "checkpoint.pkl"  # strategy and engine state (see journal.py)
+BEST = "best"  # the best model's directory
+REPORT = "report"  # the `report` command's directory
+LOCK = ".lock"  # the writer's lock, holding its pid
+
+
+def journal_name(n: int) -> str:
+    """The journal of the calls since checkpoint number n."""
+    return f"journal-{n:06d}.bin"
