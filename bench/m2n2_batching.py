@@ -19,8 +19,8 @@ import torch
 
 from evomerge.spaces.digits import DigitsMLPSpace, DigitsMLPSpaceConfig
 from evomerge.fitness.digits import DigitsFitness, DigitsFitnessConfig
-from evomerge.populations import Result, SpaceInfo
-from evomerge.populations.m2n2 import M2N2, M2N2Config
+from evomerge.populations import Result, SpaceInfo, build_strategy
+from evomerge.populations.m2n2 import M2N2Config
 
 from common import write_results
 
@@ -28,7 +28,7 @@ from common import write_results
 def run(init: str, batch: int, seed: int, evals: int) -> float:
     space = DigitsMLPSpace(DigitsMLPSpaceConfig(name="digits_mlp", init=init), seed)
     info = SpaceInfo(space.dim, tuple(space.seeds()), random_seeds=space.random_seeds)
-    st = M2N2(M2N2Config(name="m2n2"), info, seed)
+    st = build_strategy(M2N2Config(name="m2n2"), info, seed)
     fit = DigitsFitness(DigitsFitnessConfig(name="digits"))
     best, best_x, done = -1.0, None, 0
     while done < evals:

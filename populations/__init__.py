@@ -1,5 +1,5 @@
 """Search strategies behind one ask/tell interface. Add one: a module plus a line in STRATEGIES."""
-from .base import Candidate, Result, SpaceInfo, Strategy
+from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
 from .cmaes import CMAES, CMAESConfig
 from .evo_merging import EvoMerging, EvoMergingConfig
 from .frank_wolfe import FrankWolfe, FrankWolfeConfig
@@ -18,12 +18,9 @@ STRATEGIES = {
 
 
 def build_strategy(cfg, space: SpaceInfo, seed: int, parallelism: int = 1, max_evals: int | None = None) -> Strategy:
-    """`parallelism` (candidates the engine keeps outstanding) and `max_evals` reach the strategies
-    that plan with them (`uses_run_context`)."""
-    cls = STRATEGIES[cfg.name][1]
-    if getattr(cls, "uses_run_context", False):
-        return cls(cfg, space, seed, parallelism=parallelism, max_evals=max_evals)
-    return cls(cfg, space, seed)
+    """The strategy `cfg.name` names; `parallelism` (candidates the engine keeps outstanding) and
+    `max_evals` are the run's context (RunContext) every strategy is given."""
+    return STRATEGIES[cfg.name][1].build(cfg, space, seed, RunContext(parallelism=parallelism, max_evals=max_evals))
 
 
-__all__ = ["Candidate", "Result", "SpaceInfo", "Strategy", "STRATEGIES", "build_strategy"]
+__all__ = ["Candidate", "Result", "RunContext", "SpaceInfo", "Strategy", "STRATEGIES", "build_strategy"]

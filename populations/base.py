@@ -44,6 +44,14 @@ class SpaceInfo:
     gram: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a strategy knows of the run it serves (some plan with it, e.g. nevergrad)."""
+
+    parallelism: int = 1  # candidates the engine keeps outstanding at once
+    max_evals: int | None = None  # the run's budget.max_evals
+
+
 class Strategy(ABC):
     """ask(n) -> candidates, tell(results), state_dict()/load_state_dict(), done.
 
@@ -51,9 +59,20 @@ class Strategy(ABC):
     (a generational strategy between generations, or seeds not yet scored).
     A steady-state strategy accepts each result as soon as it arrives; a generational
     one (`generational = True`) needs a whole generation before it can ask again.
+    Built by `build` (the registry's way), from the config, what it knows of the space, the seed
+    of its random draws and the run's context.
     """
 
     generational: ClassVar[bool] = False
+
+    def __init__(self, cfg, space: SpaceInfo, seed: int, run: RunContext):
+        self.cfg = cfg
+        self.run = run
+
+    @classmethod
+    def build(cls, cfg, space: SpaceInfo, seed: int, run: RunContext) -> Strategy:
+        """The strategy for this config (a registered class may pick one of several forms)."""
+        return cls(cfg, space, seed, run)
 
     @classmethod
     def preflight(cls, cfg, dim: int) -> None:
@@ -66,6 +85,13 @@ class Strategy(ABC):
         'dloss/<group>/<expert>', from the fitness's differentiable `loss_model`)."""
         return ()
 
+    @classmethod
+    def archive_view(cls, state: dict) -> dict | None:
+        """What a report may show of the archive in `state` (a `state_dict()`, the checkpoint's
+        "strategy" entry): {"scores": (members, examples) per-example scores, "fitness": (members,)}
+        of the archive's members, or None (no archive, or nothing in it)."""
+        return None
+
     @abstractmethod
     def ask(self, n: int) -> list[Candidate]: ...
 
@@ -73,13 +99,15 @@ class Strategy(ABC):
     def tell(self, results: Sequence[Result]) -> None: ...
 
     @abstractmethod
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue the search exactly (pickled in the checkpoint)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
     @property
     def done(self) -> bool:
+        """The search has ended by itself (e.g. its iterations are done); the run stops."""
         return False
 
     def summary(self) -> dict:

@@ -12,7 +12,7 @@ from pydantic import Field
 from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
-from .base import Candidate, Result, SpaceInfo, Strategy
+from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
 
 # Peak bytes of full-covariance pycma per dim^2: C, its eigenbasis B, and LAPACK's copy and
 # workspace in the eigendecomposition, in float64 (measured: bench/cma_memory.py).
@@ -58,8 +58,8 @@ class CMAES(Strategy):
                     f"{need / 2**30:.1f} GiB, more than half of the {have / 2**30:.1f} GiB available; "
                     "set strategy.diagonal: true (separable CMA-ES, linear memory)")
 
-    def __init__(self, cfg: CMAESConfig, space: SpaceInfo, seed: int):
-        self.cfg = cfg
+    def __init__(self, cfg: CMAESConfig, space: SpaceInfo, seed: int, run: RunContext):
+        super().__init__(cfg, space, seed, run)
         dim = space.dim
         self.preflight(cfg, dim)
         lower, upper = space.lower, space.upper

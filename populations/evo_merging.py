@@ -23,7 +23,7 @@ from pydantic import Field
 from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
-from .base import Candidate, Result, SpaceInfo, Strategy
+from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
 from .cmaes import Randn
 
 
@@ -43,7 +43,7 @@ class EvoMergingConfig(Frozen):
 class EvoMerging(Strategy):
     generational = True
 
-    def __init__(self, cfg: EvoMergingConfig, space: SpaceInfo, seed: int):
+    def __init__(self, cfg: EvoMergingConfig, space: SpaceInfo, seed: int, run: RunContext):
         if space.layout is None or space.lower is None:
             raise UserError("strategy.name: evo_merging needs a space with one weight per expert (api_weights, "
                             "or hf_merge with method task_arithmetic and layer_granularity 0)")
@@ -56,7 +56,8 @@ class EvoMerging(Strategy):
                 self.coord[expert] = i
         if not self.coord:
             raise UserError("strategy.name: evo_merging needs a searched `weight` per expert")
-        self.cfg, self.seed = cfg, seed
+        super().__init__(cfg, space, seed, run)
+        self.seed = seed
         self.lower, self.upper = np.asarray(space.lower, np.float64), np.asarray(space.upper, np.float64)
         self.experts = list(self.coord)
         self.base = (self.lower + self.upper) / 2  # what evo_merging does not search (e.g. densities)

@@ -27,7 +27,7 @@ from pydantic import Field
 from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
-from .base import Candidate, Result, SpaceInfo, Strategy
+from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
 
 
 class FrankWolfeConfig(Frozen):
@@ -48,7 +48,7 @@ class FrankWolfeConfig(Frozen):
 class FrankWolfe(Strategy):
     generational = True
 
-    def __init__(self, cfg: FrankWolfeConfig, space: SpaceInfo, seed: int):
+    def __init__(self, cfg: FrankWolfeConfig, space: SpaceInfo, seed: int, run: RunContext):
         if space.layout is None or space.lower is None:
             raise UserError("strategy.name: frank_wolfe needs a merge space (space.name: hf_merge)")
         mine = [i for i, (_, p, _) in enumerate(space.layout) if p == cfg.param]
@@ -57,7 +57,7 @@ class FrankWolfe(Strategy):
                             f"(searched: {sorted({p for _, p, _ in space.layout})})")
         if cfg.oracle == "gradient" and cfg.param != "weight":
             raise UserError(f"strategy.param: {cfg.param}: the gradient oracle moves the merge weights (param: weight)")
-        self.cfg = cfg
+        super().__init__(cfg, space, seed, run)
         self.lower = np.asarray(space.lower, np.float64)
         self.upper = np.asarray(space.upper, np.float64)
         self.coords = np.array(mine)
@@ -79,6 +79,7 @@ class FrankWolfe(Strategy):
         self.history: list[dict] = []
         self.anchor_pending = True  # theta_0 is scored with the first step
         self.finished = False  # gradient oracle: the last iterate is scored
+        self.gamma: float | None = None  # the current step's size (None before the first step)
 
     @classmethod
     def worker_extras(cls, cfg: FrankWolfeConfig) -> tuple[str, ...]:
@@ -208,7 +209,7 @@ class FrankWolfe(Strategy):
     def state_dict(self) -> dict:
         return {"theta": self.theta.copy(), "t": self.t, "step_cands": [(l, x.copy()) for l, x in self.step_cands],
                 "step_fit": list(self.step_fit), "sent": self.sent, "history": list(self.history),
-                "anchor_pending": self.anchor_pending, "gamma": getattr(self, "gamma", None),
+                "anchor_pending": self.anchor_pending, "gamma": self.gamma,
                 "finished": self.finished}
 
     def load_state_dict(self, state: dict) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 
 from evomerge.errors import UserError
 
-from .base import Candidate, SpaceInfo
-from .m2n2 import M2N2, M2N2Config, slerp_coefficients
+from .base import Candidate, RunContext, SpaceInfo
+from .natural_niches import M2N2Config, NaturalNiches, slerp_coefficients
 
 
 class Member:
@@ -39,14 +39,15 @@ def compress(starts: np.ndarray, coefs: np.ndarray) -> Member:
     return Member(starts[keep], coefs[keep])
 
 
-class M2N2Coefficients(M2N2):
-    """M2N2 (same competition, attraction, draws) over coefficient-form members."""
+class M2N2Coefficients(NaturalNiches):
+    """M2N2 (same competition, attraction, draws as the dense form) over coefficient-form members:
+    `members` holds one Member per slot (`empty`, the zero model, in an empty one)."""
 
-    def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int):
+    def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int, run: RunContext):
         if space.layout is not None:
             raise UserError("strategy.form: the coefficients form mixes whole seed models; this space's vector "
                             "is merge coefficients (hf_merge): use space.name: hf_mixture for M2N2 over checkpoints")
-        super().__init__(cfg, space, seed)
+        super().__init__(cfg, space, seed, run)
         if self.mutation_std > 0:
             raise UserError("strategy.form: the coefficients form needs mutation_std: 0 (a mutated child "
                             "is no longer a mixture of the seeds)")
@@ -70,8 +71,7 @@ class M2N2Coefficients(M2N2):
         self.prefix = np.concatenate([np.zeros((1, s, s)), np.cumsum(gram, axis=0)])  # (C + 1, S, S)
 
     def _init_archive(self) -> None:
-        self.archive = None  # no dense copies: members are coefficient lists
-        # an empty slot is the zero model, as the dense form's zero rows (parents may be drawn from
+        # no dense copies: members are coefficient lists; an empty slot is the zero model, as the dense form's zero rows (parents may be drawn from
         # it while every score is 0)
         self.empty = Member([0], np.zeros((1, len(self.seed_points))))
         self.members: list[Member] = [self.empty] * self.cfg.archive_size
@@ -114,49 +114,31 @@ class M2N2Coefficients(M2N2):
             x[lo:hi] = c @ self.seed_matrix[:, lo:hi]
         return x
 
-    # M2N2 hooks ---------------------------------------------------------------------------------
-    def ask(self, n: int) -> list[Candidate]:
-        if self.seeds_asked < len(self.seed_points):
-            k = min(n, len(self.seed_points) - self.seeds_asked)
-            out = []
-            for i in range(self.seeds_asked, self.seeds_asked + k):
-                member = Member([0], np.eye(len(self.seed_points))[i][None])
-                out.append(Candidate(x=self.seed_points[i].copy(), step=self.steps, tag=member))
-                self.steps += 1
-            self.seeds_asked += k
-            return out
-        return super().ask(n)
+    # the form's hooks ---------------------------------------------------------------------------
+    def _seed_tag(self, i: int) -> Member:
+        return Member([0], np.eye(len(self.seed_points))[i][None])
 
-    def make_children(self, pairs: np.ndarray) -> list[np.ndarray]:
+    def breed(self, pairs: np.ndarray) -> list[Candidate]:
         n = len(pairs)
         # the dense form's draws, in its order: split over coordinates (here chunks), then w
         split = self.rng.integers(0, self.n_chunks, n) if self.cfg.splitpoint else np.full(n, self.n_chunks)
         w = self.rng.random(n)
-        self._children = []
+        out = []
         for i, (a, b) in enumerate(pairs):
             ma, mb = self.members[a], self.members[b]
             child = self.crossover(ma, mb, float(w[i]), int(split[i])) if self.cfg.crossover else ma
-            self._children.append(child)
-        return [self.materialize(m) for m in self._children]
-
-    def _candidate(self, x: np.ndarray) -> Candidate:
-        c = super()._candidate(x)
-        c.tag = self._children.pop(0)
-        return c
+            out.append(self._candidate(self.materialize(child), child))
+        return out
 
     def _store(self, index: int, x: np.ndarray, cand: Candidate | None) -> None:
         self.members[index] = cand.tag
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["members"] = [None if m is self.empty else (m.starts.copy(), m.coefs.copy()) for m in self.members]
-        return state
+    def _members_state(self) -> dict:
+        return {"archive": None,  # the dense form's key, kept: checkpoints read the same
+                "members": [None if m is self.empty else (m.starts.copy(), m.coefs.copy()) for m in self.members]}
 
-    def load_state_dict(self, state: dict) -> None:
-        state = dict(state)
-        members = state.pop("members")
-        super().load_state_dict(state)
-        self.members = [self.empty if m is None else Member(*m) for m in members]
+    def _load_members(self, state: dict) -> None:
+        self.members = [self.empty if m is None else Member(*m) for m in state["members"]]
 
     def spread(self, idx: np.ndarray) -> tuple[float, float]:
         """As the dense form's, in model space: on the union of the members' segments, each member's

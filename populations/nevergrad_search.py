@@ -18,7 +18,7 @@ from pydantic import Field
 from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
-from .base import Candidate, Result, SpaceInfo, Strategy
+from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
 
 
 class NevergradConfig(Frozen):
@@ -40,7 +40,6 @@ def _registry():
 
 class Nevergrad(Strategy):
     generational = False
-    uses_run_context = True
 
     @classmethod
     def preflight(cls, cfg: NevergradConfig, dim: int) -> None:
@@ -50,14 +49,13 @@ class Nevergrad(Strategy):
             hint = f"; did you mean {', '.join(close)}?" if close else "; see nevergrad.optimizers.registry"
             raise UserError(f"strategy.optimizer: {cfg.optimizer!r} is not a nevergrad optimizer{hint}")
 
-    def __init__(self, cfg: NevergradConfig, space: SpaceInfo, seed: int, parallelism: int = 1,
-                 max_evals: int | None = None):
+    def __init__(self, cfg: NevergradConfig, space: SpaceInfo, seed: int, run: RunContext):
         self.preflight(cfg, space.dim)
-        if (cfg.budget or max_evals) is None:
+        if (cfg.budget or run.max_evals) is None:
             raise UserError("strategy.budget: nevergrad's optimizers plan with a budget; set strategy.budget "
                             "or budget.max_evals")
         ng = _registry()
-        self.cfg = cfg
+        super().__init__(cfg, space, seed, run)
         seeds = np.asarray(space.seeds, np.float64)
         bounded = space.lower is not None
         if cfg.x0 == "center" and bounded:
@@ -73,8 +71,8 @@ class Nevergrad(Strategy):
                 param = ng.p.Array(init=x0).set_mutation(sigma=cfg.sigma)
             param.random_state = np.random.RandomState(seed)
             opt_cls = ng.optimizers.registry[cfg.optimizer]
-            self.opt = opt_cls(parametrization=param, budget=cfg.budget or max_evals,
-                               num_workers=cfg.num_workers or parallelism)
+            self.opt = opt_cls(parametrization=param, budget=cfg.budget or run.max_evals,
+                               num_workers=cfg.num_workers or run.parallelism)
         self.pending: dict[str, object] = {}  # uid -> the parameter handed out, until told
         self.steps = 0
         self.worst: float | None = None

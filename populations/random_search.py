@@ -8,7 +8,7 @@ from pydantic import Field
 
 from evomerge.schema import Frozen
 
-from .base import Candidate, Result, SpaceInfo, Strategy, rng_state, set_rng_state
+from .base import Candidate, Result, RunContext, SpaceInfo, Strategy, rng_state, set_rng_state
 
 
 class RandomSearchConfig(Frozen):
@@ -19,8 +19,8 @@ class RandomSearchConfig(Frozen):
 class RandomSearch(Strategy):
     generational = False
 
-    def __init__(self, cfg: RandomSearchConfig, space: SpaceInfo, seed: int):
-        self.cfg = cfg
+    def __init__(self, cfg: RandomSearchConfig, space: SpaceInfo, seed: int, run: RunContext):
+        super().__init__(cfg, space, seed, run)
         self.space = space
         self.center = np.mean(np.asarray(space.seeds, np.float32), axis=0)
         self.rng = np.random.default_rng(seed)

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from evomerge.populations import Candidate, Result, SpaceInfo
-from evomerge.populations.m2n2 import (M2N2, M2N2Config, attraction, attraction_matrix, competition, cosine,
-                              crossover, worst_after_insert)
+from evomerge.populations import Candidate, Result, RunContext, SpaceInfo
+from evomerge.populations.m2n2 import M2N2, cosine, crossover
+from evomerge.populations.natural_niches import (M2N2Config, attraction, attraction_matrix, competition,
+                                                 worst_after_insert)
 
 S = np.array([[1, 1, 0],
               [1, 0, 0],
@@ -54,7 +55,8 @@ def test_worst_row_is_dropped_and_a_worst_child_is_refused():
 
 def _strategy(dim=6, archive=4, seeds=None, **kw):
     seeds = seeds if seeds is not None else (np.ones(dim, np.float32), -np.ones(dim, np.float32))
-    return M2N2(M2N2Config(name="m2n2", archive_size=archive, **kw), SpaceInfo(dim=dim, seeds=tuple(seeds)), seed=0)
+    return M2N2(M2N2Config(name="m2n2", archive_size=archive, **kw), SpaceInfo(dim=dim, seeds=tuple(seeds)), seed=0,
+                run=RunContext())
 
 
 def _tell(strategy, x, scores):
@@ -155,8 +157,8 @@ def test_parallel_parents_interpolate_linearly():
 
 def test_mutation_only_from_random_seeds_by_default():
     seeds = (np.ones(6, np.float32), -np.ones(6, np.float32))
-    trained = M2N2(M2N2Config(name="m2n2"), SpaceInfo(6, seeds), 0)
-    scratch = M2N2(M2N2Config(name="m2n2"), SpaceInfo(6, seeds, random_seeds=True), 0)
+    trained = M2N2(M2N2Config(name="m2n2"), SpaceInfo(6, seeds), 0, RunContext())
+    scratch = M2N2(M2N2Config(name="m2n2"), SpaceInfo(6, seeds, random_seeds=True), 0, RunContext())
     assert trained.mutation_std == 0.0 and scratch.mutation_std == 0.01
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from evomerge.errors import UserError
 from evomerge.populations import Result, SpaceInfo, build_strategy
-from evomerge.populations.m2n2 import M2N2, M2N2Config
+from evomerge.populations.m2n2 import M2N2
+from evomerge.populations.natural_niches import M2N2Config
 from evomerge.populations.m2n2_coefficients import M2N2Coefficients
 
 

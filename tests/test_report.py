@@ -214,7 +214,7 @@ def test_m2n2_statistics_agree_in_dense_and_coefficient_form():
 
 def test_cmaes_statistics():
     space = SpaceInfo(dim=6, seeds=(np.zeros(6, np.float32),))
-    st = CMAES(CMAESConfig(name="cmaes", popsize=5, diagonal=True), space, seed=0)
+    st = build_strategy(CMAESConfig(name="cmaes", popsize=5, diagonal=True), space, seed=0)
     assert set(st.stats()) == {"sigma", "std_mean", "generation"}
     _drive(st, 2, 6)
     s = st.stats()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import UserError
-from evomerge.populations import STRATEGIES, Result, SpaceInfo, build_strategy
+from evomerge.populations import STRATEGIES, Result, RunContext, SpaceInfo, build_strategy
 from evomerge.populations.cmaes import CMAES, CMAESConfig
 
 DIM = 12
@@ -74,7 +74,7 @@ def test_search_improves_on_a_toy_problem(name):
 
 
 def test_cmaes_is_generational():
-    st = CMAES(CMAESConfig(name="cmaes", popsize=6, diagonal=True), space(), seed=0)
+    st = CMAES(CMAESConfig(name="cmaes", popsize=6, diagonal=True), space(), seed=0, run=RunContext())
     assert st.generational
     first = st.ask(4)
     rest = st.ask(4)
@@ -98,14 +98,15 @@ def test_full_covariance_refused_when_it_cannot_fit():
 
 
 def test_cmaes_bounds_are_respected():
-    st = CMAES(CMAESConfig(name="cmaes", popsize=8, sigma0=5.0, bounds=(-1.0, 1.0), x0="center"), space(), seed=0)
+    st = CMAES(CMAESConfig(name="cmaes", popsize=8, sigma0=5.0, bounds=(-1.0, 1.0), x0="center"), space(), seed=0,
+               run=RunContext())
     xs = np.stack([c.x for c in st.ask(8)])
     assert xs.min() >= -1 and xs.max() <= 1
 
 
 def test_cmaes_mean_outside_bounds_is_a_config_error():
     with pytest.raises(UserError, match="^strategy.x0: "):
-        CMAES(CMAESConfig(name="cmaes", bounds=(10.0, 11.0)), space(), seed=0)
+        CMAES(CMAESConfig(name="cmaes", bounds=(10.0, 11.0)), space(), seed=0, run=RunContext())
 
 
 def test_nevergrad_unknown_optimizer_is_a_config_error_with_suggestions():
