@@ -15,7 +15,7 @@ from matplotlib.image import imread
 
 from evomerge.cli import main
 from evomerge.populations import Result, SpaceInfo, build_strategy
-from evomerge.populations.cmaes import CMAES, CMAESConfig
+from evomerge.populations.cmaes import CMAESConfig
 from evomerge.populations.m2n2 import M2N2Config
 
 ROOT = Path(__file__).resolve().parent.parent
