@@ -71,8 +71,8 @@ class M2N2Coefficients(NaturalNiches):
         self.prefix = np.concatenate([np.zeros((1, s, s)), np.cumsum(gram, axis=0)])  # (C + 1, S, S)
 
     def _init_archive(self) -> None:
-        # no dense copies: members are coefficient lists; an empty slot is the zero model, as the dense form's zero rows (parents may be drawn from
-        # it while every score is 0)
+        # no dense copies: members are coefficient lists; an empty slot is the zero model, as the dense
+        # form's zero rows (parents may be drawn from it while every score is 0)
         self.empty = Member([0], np.zeros((1, len(self.seed_points))))
         self.members: list[Member] = [self.empty] * self.cfg.archive_size
 
