@@ -34,7 +34,7 @@ from common import ROOT, run_py, write_results
 
 sys.path.insert(0, str(ROOT))
 
-from evomerge.serve import LocalServer  # noqa: E402
+from evomerge.serve.harness import LocalServer  # noqa: E402
 from evomerge.fitness.api import APIFitness, APIFitnessConfig  # noqa: E402
 
 SKILLS = ["upper", "sort", "count"]

@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 
 from evomerge.errors import UserError
 from evomerge.schema import Frozen
+from evomerge.wire import MergeSpec
 
 from .base import RecipeFitness, StopRun
 from .lm_tasks import TaskSpec, check_unique_names, load_tasks
@@ -233,9 +234,7 @@ class APIFitness(RecipeFitness):
     def _targets(self, recipe: dict) -> list[tuple[str, float, dict | None]]:
         """(model, weight, merge field) per request target."""
         if self.cfg.mode == "merge":
-            merge = {"weights": recipe["weights"]}
-            if "density" in recipe:
-                merge["density"] = recipe["density"]
+            merge = MergeSpec(weights=recipe["weights"], density=recipe.get("density")).to_body()
             return [(self.cfg.model, 1.0, merge)]
         return [(m, w, None) for m, w in recipe["weights"].items()]
 

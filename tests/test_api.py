@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from evomerge.serve import LocalServer
+from evomerge.serve.harness import LocalServer
 from hf_models import tiny_family
 
 KEY = "sk-test-0123456789"

@@ -30,7 +30,7 @@ RUN_ELSEWHERE = {"quickstart.yaml"}
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
                                           if p.name not in RUN_ELSEWHERE))
 def test_every_shipped_config_runs(cli, tmp_path, config, request):
-    from evomerge.serve import LocalServer
+    from evomerge.serve.harness import LocalServer
 
     out = tmp_path / "run"
     path = ROOT / "configs" / config

@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from evomerge.serve import MAX_COEFFICIENT, LocalServer
+from evomerge.serve.harness import LocalServer
+from evomerge.wire import MAX_COEFFICIENT
 from test_api import client, family  # noqa: F401 - family: the tiny-LM models (context: 64 tokens), serve.yaml
 
 CONTEXT = 64  # tests/hf_models.py: max_position_embeddings; its tokenizer makes one token of each character
@@ -168,7 +169,8 @@ def test_a_chat_template_gives_the_prompt_its_token_ids():
     import threading
     from types import SimpleNamespace
 
-    from evomerge.serve import ChatMessage, ModelHost
+    from evomerge.serve.host import ModelHost
+    from evomerge.wire import ChatMessage
     from hf_models import tokenizer
 
     tok = tokenizer()
