@@ -1,6 +1,6 @@
 """Evaluators. Add one: a module plus a line in FITNESSES."""
 from .api import APIFitness, APIFitnessConfig
-from .base import BatchEvaluation, Fitness, ModelFitness, RecipeFitness, StopRun
+from .base import BatchEvaluation, Fitness, SharedResource, StopRun
 from .digits import DigitsFitness, DigitsFitnessConfig
 from .lm_eval import LMEvalFitness, LMEvalFitnessConfig
 from .lm_tasks import LMTasksFitness, LMTasksFitnessConfig
@@ -15,8 +15,9 @@ FITNESSES = {
 }
 
 
-def build_fitness(cfg) -> Fitness:
-    return FITNESSES[cfg.name][1](cfg)
+def build_fitness(cfg, shared: SharedResource | None = None) -> Fitness:
+    """The fitness `cfg.name` names, given what its class's `open_shared` opened for the run."""
+    return FITNESSES[cfg.name][1](cfg, shared)
 
 
-__all__ = ["BatchEvaluation", "Fitness", "ModelFitness", "RecipeFitness", "StopRun", "FITNESSES", "build_fitness"]
+__all__ = ["BatchEvaluation", "Fitness", "SharedResource", "StopRun", "FITNESSES", "build_fitness"]

@@ -44,7 +44,8 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 from evomerge.wire import MergeSpec
 
-from .base import RecipeFitness, StopRun
+from .base import Fitness, StopRun
+from .budget import Budget, RemoteBudget, open_budget
 from .lm_tasks import TaskSpec, check_unique_names, load_tasks
 
 
@@ -80,73 +81,8 @@ class APIFitnessConfig(Frozen):
         return self
 
 
-class Budget:
-    """Requests and tokens left; reserve before a request (an upper bound of its tokens), settle after."""
-
-    def __init__(self, max_requests: int | None, max_tokens: int | None, requests: int = 0, tokens: int = 0):
-        self.max_requests, self.max_tokens = max_requests, max_tokens
-        self.requests, self.tokens = requests, tokens  # spent (by earlier sessions of a resumed run)
-        self._lock = threading.Lock()
-
-    def reserve(self, tokens: int) -> bool:
-        with self._lock:
-            if self.max_requests is not None and self.requests + 1 > self.max_requests:
-                return False
-            if self.max_tokens is not None and self.tokens + tokens > self.max_tokens:
-                return False
-            self.requests += 1
-            self.tokens += tokens
-            return True
-
-    def settle(self, reserved: int, used: int) -> None:
-        with self._lock:
-            self.tokens += used - reserved
-
-    def spent(self) -> dict:
-        return {"requests": self.requests, "tokens": self.tokens}
-
-    state = spent
-
-
-def shared_budget(cfg: APIFitnessConfig, spent: dict | None = None):
-    """The run's budget: a named Ray actor shared by the driver and the workers of one run session (job),
-    created by the driver with what earlier sessions spent (from the checkpoint); else a local one."""
-    if cfg.max_requests is None and cfg.max_tokens is None:
-        return None
-    try:
-        import ray
-
-        if ray.is_initialized():
-            job = ray.get_runtime_context().get_job_id()
-            key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
-            actor = ray.remote(Budget).options(name=f"evomerge-api-budget-{job}-{key}", get_if_exists=True,
-                                               num_cpus=0).remote(cfg.max_requests, cfg.max_tokens, **(spent or {}))
-            return _RemoteBudget(actor)
-    except ImportError:
-        pass
-    return Budget(cfg.max_requests, cfg.max_tokens, **(spent or {}))
-
-
-class _RemoteBudget:
-    def __init__(self, actor):
-        self.actor = actor
-
-    def reserve(self, tokens: int) -> bool:
-        import ray
-
-        return ray.get(self.actor.reserve.remote(tokens))
-
-    def settle(self, reserved: int, used: int) -> None:
-        self.actor.settle.remote(reserved, used)
-
-    def state(self) -> dict:
-        """What has been spent, for the run's checkpoint."""
-        import ray
-
-        return ray.get(self.actor.spent.remote())
-
-
-class APIFitness(RecipeFitness):
+class APIFitness(Fitness):
+    input = "recipe"
     spaces = ("api_weights",)
 
     @classmethod
@@ -166,16 +102,18 @@ class APIFitness(RecipeFitness):
         _check_reachable(cfg)
 
     @classmethod
-    def open_shared(cls, cfg: APIFitnessConfig, state: dict | None):
-        """Called by the engine before the workers start: the budget actor, with what was spent before."""
-        return shared_budget(cfg, state)
+    def open_shared(cls, cfg: APIFitnessConfig, state: dict | None) -> Budget | RemoteBudget | None:
+        """The run's budget (a Ray actor when Ray runs), with what earlier sessions spent (`state`, from
+        the checkpoint); None when the config sets no limit."""
+        return open_budget(cfg.max_requests, cfg.max_tokens, state)
 
-    def __init__(self, cfg: APIFitnessConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: APIFitnessConfig, shared: Budget | RemoteBudget | None = None):
+        super().__init__(cfg, shared)
         self.data = load_tasks(cfg.tasks)  # once per worker
         self.client = _client(cfg, cfg.timeout_s)
         self.regex = re.compile(cfg.answer_regex) if cfg.answer_regex else None
-        self.budget = shared_budget(cfg)
+        # the run's budget, as opened by open_shared; built in-process, without one: a budget of its own
+        self.budget = shared if shared is not None else open_budget(cfg.max_requests, cfg.max_tokens, remote=False)
         self.cache: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(cfg.concurrency)

@@ -1,10 +1,23 @@
-"""The interface of evaluators: per-example scores plus named metrics, a batch at a time."""
+"""The interface of evaluators: one base class, whose `input` says what it scores.
+
+* "vector": the point itself, a batch at a time (`evaluate` / `holdout`), e.g. the digits MLP's weights;
+* "model": a materialized model, the worker's resident one into which each candidate is merged in
+  place (`evaluate_model` / `holdout_model`, and `loss_model` when `differentiable`);
+* "recipe": the decoded recipe, scored without materializing anything locally, e.g. through an API
+  that merges server-side (`evaluate_recipe` / `holdout_recipe`).
+
+Scores are per-example (what M2N2's competition and per-task reports use) plus named metrics;
+`fitness` is the scalar the search maximises.
+"""
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
+
+InputKind = Literal["vector", "model", "recipe"]
+INPUT_KINDS: tuple[str, ...] = ("vector", "model", "recipe")
 
 
 @dataclass
@@ -20,13 +33,36 @@ class BatchEvaluation:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class Fitness(ABC):
-    """Built once inside each worker (it holds the data and a resident model).
+class SharedResource(Protocol):
+    """What a fitness shares between all workers of a run (opened by `Fitness.open_shared`)."""
 
-    `spaces` names the search spaces whose points this fitness knows how to score.
+    def state(self) -> dict:
+        """What the run's checkpoint keeps of it (e.g. the API requests and tokens spent)."""
+
+
+class Fitness:
+    """An evaluator, built once inside each worker (it holds the data and, for a model fitness, the
+    worker holds the resident model).
+
+    `input` is what it scores (see the module's docstring: only that kind's methods are called);
+    `spaces` names the search spaces whose points it knows how to score; `differentiable`: it has
+    a `loss_model` that gradient-based oracles (Frank-Wolfe's `oracle: gradient`) differentiate.
+    `shared` is what `open_shared` opened for the run, handed to every worker (None: nothing).
     """
 
-    spaces: tuple[str, ...] = ()
+    input: ClassVar[InputKind]
+    spaces: ClassVar[tuple[str, ...]] = ()
+    differentiable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declared = next((vars(k)["input"] for k in cls.__mro__ if "input" in vars(k)), None)
+        if declared not in INPUT_KINDS:
+            raise TypeError(f"{cls.__name__}.input must be one of {INPUT_KINDS}, not {declared!r}")
+
+    def __init__(self, cfg, shared: SharedResource | None = None):
+        self.cfg = cfg
+        self.shared = shared
 
     @classmethod
     def objectives(cls, cfg) -> list[str]:
@@ -34,69 +70,54 @@ class Fitness(ABC):
         the run report a Pareto front. Default: none beyond the fitness."""
         return []
 
-    @abstractmethod
-    def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
-        """Score a batch of points (B, dim) on the search split."""
-
-    @abstractmethod
-    def holdout(self, x: np.ndarray) -> dict[str, float]:
-        """Metrics of one point on held-out data (reported for the best, never searched on)."""
-
-
-class ModelFitness(ABC):
-    """A fitness that scores a materialized model (e.g. a resident Hugging Face causal LM).
-
-    Built once inside each worker; the worker merges each candidate into its resident model
-    in place and then calls `evaluate_model`. Returns per-example scores (1-D, concatenated
-    over tasks) and named metrics; `fitness` is the scalar the search maximises.
-    """
-
-    spaces: tuple[str, ...] = ()
-
-    @classmethod
-    def objectives(cls, cfg) -> list[str]:
-        """As Fitness.objectives."""
-        return []
-
-    @abstractmethod
-    def evaluate_model(self, model, tokenizer) -> tuple[float, np.ndarray, dict[str, float]]:
-        """(fitness, per-example scores, metrics) on the search split."""
-
-    @abstractmethod
-    def holdout_model(self, model, tokenizer) -> dict[str, float]:
-        """Metrics on the held-out split (reported for the best, never searched on)."""
-
-    # A differentiable fitness also defines
-    #     def loss_model(self, model, tokenizer) -> torch.Tensor
-    # a scalar loss on the search split with its autograd graph (lower is better), which gradient-based
-    # oracles (Frank-Wolfe's `oracle: gradient`) differentiate through the resident model.
-
-
-class RecipeFitness(ABC):
-    """A fitness that scores a recipe without materializing anything locally (e.g. through an API that
-    merges server-side). The worker decodes each candidate and calls `evaluate_recipe`."""
-
-    spaces: tuple[str, ...] = ()
-
-    @classmethod
-    def objectives(cls, cfg) -> list[str]:
-        """As Fitness.objectives."""
-        return []
-
     @classmethod
     def check(cls, cfg) -> None:
-        """Refuse, in the driver before anything starts, what cannot work (e.g. a missing API key)."""
+        """Refuse, in the driver before anything starts, what cannot work (e.g. a missing API key or
+        a defective task file). Default: nothing to check."""
 
-    @abstractmethod
+    @classmethod
+    def open_shared(cls, cfg, state: dict | None) -> SharedResource | None:
+        """The run-level resource the workers share (e.g. the API budget), opened by the engine in the
+        driver before the workers start, from `state` (what its `state()` was at the last checkpoint
+        of a resumed run, else None). Default: none."""
+        return None
+
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} (input {self.input!r}) has no {method}")
+
+    # input "vector" --------------------------------------------------------------------------------
+    def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
+        """Score a batch of points (B, dim) on the search split."""
+        raise self._missing("evaluate")
+
+    def holdout(self, x: np.ndarray) -> dict[str, float]:
+        """Metrics of one point on held-out data (reported for the best, never searched on)."""
+        raise self._missing("holdout")
+
+    # input "model" ---------------------------------------------------------------------------------
+    def evaluate_model(self, model, tokenizer) -> tuple[float, np.ndarray, dict[str, float]]:
+        """(fitness, per-example scores (1-D, concatenated over tasks), metrics) on the search split."""
+        raise self._missing("evaluate_model")
+
+    def holdout_model(self, model, tokenizer) -> dict[str, float]:
+        """Metrics on the held-out split (reported for the best, never searched on)."""
+        raise self._missing("holdout_model")
+
+    def loss_model(self, model, tokenizer):
+        """A differentiable fitness's scalar loss (a torch tensor with its autograd graph, lower is
+        better) on the search split, which gradient oracles differentiate through the resident model."""
+        raise self._missing("loss_model")
+
+    # input "recipe" --------------------------------------------------------------------------------
     def evaluate_recipe(self, recipe: dict) -> tuple[float, np.ndarray, dict[str, float]]:
         """(fitness, per-example scores, metrics) on the search split."""
+        raise self._missing("evaluate_recipe")
 
-    @abstractmethod
     def holdout_recipe(self, recipe: dict) -> dict[str, float]:
         """Metrics on the held-out split."""
+        raise self._missing("holdout_recipe")
 
 
 class StopRun(Exception):
     """Raised by a fitness when the run must stop cleanly (e.g. its API budget is spent): the candidate
     is neither failed nor logged, the engine checkpoints and stops; a resumed run evaluates it."""
-

@@ -17,9 +17,11 @@ class DigitsFitnessConfig(Frozen):
 
 
 class DigitsFitness(Fitness):
+    input = "vector"
     spaces = ("digits_mlp",)
 
-    def __init__(self, cfg: DigitsFitnessConfig):
+    def __init__(self, cfg: DigitsFitnessConfig, shared=None):
+        super().__init__(cfg, shared)
         from evomerge.demos import digits  # torch and sklearn load in the worker, not with the config
 
         train, test = digits.load(cfg.train_fraction)

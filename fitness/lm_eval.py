@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
-from .base import ModelFitness
+from .base import Fitness
 from .lm_tasks import check_unique_names, read_jsonl
 
 INSTALL_HINT = "pip install 'evomerge[lm-eval]'"
@@ -462,7 +462,8 @@ def _check_docs(i: int, plan: _Plan, task, files: dict) -> None:
 
 # the fitness --------------------------------------------------------------------------------------
 
-class LMEvalFitness(ModelFitness):
+class LMEvalFitness(Fitness):
+    input = "model"
     spaces = ("hf_merge", "hf_mixture")
 
     @classmethod
@@ -476,9 +477,9 @@ class LMEvalFitness(ModelFitness):
         _quiet_logs()
         _load_checked(cfg, check_data=True)
 
-    def __init__(self, cfg: LMEvalFitnessConfig):
+    def __init__(self, cfg: LMEvalFitnessConfig, shared=None):
         _quiet_logs()
-        self.cfg = cfg
+        super().__init__(cfg, shared)
         self.tasks, self.plans = _load_checked(cfg)  # once per worker: datasets and prompts templates
         self._lm = None
         self._lm_key = None

@@ -25,7 +25,7 @@ from evomerge.errors import UserError
 from evomerge.files import read_utf8
 from evomerge.schema import Frozen
 
-from .base import ModelFitness
+from .base import Fitness
 
 
 class TaskSpec(Frozen):
@@ -150,8 +150,10 @@ def load_tasks(tasks: list[TaskSpec]) -> list[dict[str, _Split]]:
     return [load_task(t, f"fitness.tasks[{i}].path") for i, t in enumerate(tasks)]
 
 
-class LMTasksFitness(ModelFitness):
+class LMTasksFitness(Fitness):
+    input = "model"
     spaces = ("hf_merge", "hf_mixture")
+    differentiable = True  # loss_model: the answers' NLL
 
     @classmethod
     def objectives(cls, cfg: LMTasksFitnessConfig) -> list[str]:
@@ -162,8 +164,8 @@ class LMTasksFitness(ModelFitness):
         """In the driver before Ray starts: every task file reads (the workers read them again, once each)."""
         load_tasks(cfg.tasks)
 
-    def __init__(self, cfg: LMTasksFitnessConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: LMTasksFitnessConfig, shared=None):
+        super().__init__(cfg, shared)
         self.data = load_tasks(cfg.tasks)  # once per worker
         self._tok = None  # the tokenizer the cached encodings belong to (held, so its id stays unique)
         self._enc: dict = {}

@@ -36,10 +36,11 @@ class SyntheticFitnessConfig(Frozen):
 
 
 class SyntheticFitness(Fitness):
+    input = "vector"
     spaces = ("synthetic",)
 
-    def __init__(self, cfg: SyntheticFitnessConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: SyntheticFitnessConfig, shared=None):
+        super().__init__(cfg, shared)
         self.rng = np.random.default_rng()  # sleeps and flaky faults: fresh in every process
         self.centres = None
 

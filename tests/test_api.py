@@ -239,7 +239,7 @@ def test_ensemble_mode_and_judge_through_the_openai_client(server, family, monke
 
 
 def test_budget_reserves_an_upper_bound_and_settles_to_the_usage():
-    from evomerge.fitness.api import Budget
+    from evomerge.fitness.budget import Budget
 
     b = Budget(max_requests=3, max_tokens=100)
     assert b.reserve(60) and not b.reserve(50)  # 110 > 100 tokens

@@ -15,16 +15,19 @@ class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
     def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = (),
-                 gpu_share: float = 1.0):
+                 gpu_share: float = 1.0, *, shared=None):
+        """`shared`: what the fitness class's open_shared opened for the run (e.g. the API budget's
+        actor), handed to the fitness."""
         self.index = index
         self.start_error: Exception | None = None
         try:
-            self._start(space_cfg, fitness_cfg, seed, threads, extras, gpu_share)
+            self._start(space_cfg, fitness_cfg, seed, threads, extras, gpu_share, shared)
         except UserError as e:  # raised again by ready(): Ray keeps a task's exception (a RayTaskError
             self.start_error = e  # with .cause), but of a failed actor constructor only a message string
 
-    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple, gpu_share: float) -> None:
-        from evomerge.fitness import ModelFitness, RecipeFitness, build_fitness
+    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple, gpu_share: float,
+               shared) -> None:
+        from evomerge.fitness import build_fitness
 
         from ..spaces import build_space
 
@@ -33,13 +36,11 @@ class FitnessWorker:
         self.extras = tuple(extras)  # see Strategy.worker_extras
         self.space = build_space(space_cfg, seed)
         self.space.gpu_share = gpu_share  # engine.gpus_per_worker < 1: the worker's memory plan takes its share
-        self.fitness = build_fitness(fitness_cfg)
-        self.model_based = isinstance(self.fitness, ModelFitness)
-        self.recipe_based = isinstance(self.fitness, RecipeFitness)  # scored remotely, e.g. through an API
+        self.fitness = build_fitness(fitness_cfg, shared)
         if "torch" in sys.modules:  # imported by the space or fitness: before any heavy tensor work
             sys.modules["torch"].set_num_threads(threads)
         self.device = "cpu"
-        if self.model_based:  # the resident model: loaded once, merged into in place per candidate
+        if self.fitness.input == "model":  # the resident model: loaded once, merged into in place per candidate
             self.runtime = self.space.open_runtime()
             self.device = str(self.runtime.device)
 
@@ -62,7 +63,7 @@ class FitnessWorker:
         added to it).
         """
         start = time.perf_counter()
-        if not self.model_based and not self.recipe_based:
+        if self.fitness.input == "vector":  # a batch at once; one at a time only to find the failing ones
             try:
                 ev = self.fitness.evaluate(batch)
                 per = {"score_s": (time.perf_counter() - start) / max(len(batch), 1)}
@@ -84,18 +85,18 @@ class FitnessWorker:
         """(fitness, scores, metrics, error, timing) of one candidate; see evaluate."""
         clock = time.perf_counter
         try:
-            if self.recipe_based:
+            if self.fitness.input == "recipe":  # scored remotely, e.g. through an API
                 recipe = self.space.decode(x)
                 t0 = clock()
                 f, s, m = self.fitness.evaluate_recipe(recipe)
                 return float(f), s, dict(m), None, {"score_s": clock() - t0}
-            if self.model_based:
+            if self.fitness.input == "model":
                 recipe = self.space.decode(x)
                 t0 = clock()
                 model = self.runtime.materialize(recipe)  # the runtime synchronizes its device before returning
                 t1 = clock()
                 timing = {"merge_s": t1 - t0}
-                transfer = getattr(self.runtime, "last_transfer_s", None)  # overlaps the merge: within merge_s
+                transfer = self.runtime.last_transfer_s  # overlaps the merge: within merge_s
                 if transfer is not None:
                     timing["transfer_s"] = float(transfer)
                 f, s, m = self.fitness.evaluate_model(model, self.runtime.tokenizer)
@@ -133,9 +134,9 @@ class FitnessWorker:
                 "errors": [r[3] for r in rows], "timing": [r[4] for r in rows]}
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
-        if self.recipe_based:
+        if self.fitness.input == "recipe":
             return self.fitness.holdout_recipe(self.space.decode(x))
-        if not self.model_based:
+        if self.fitness.input == "vector":
             return self.fitness.holdout(x)
         model = self.runtime.materialize(self.space.decode(x))
         return self.fitness.holdout_model(model, self.runtime.tokenizer)

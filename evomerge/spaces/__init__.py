@@ -19,4 +19,5 @@ SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
 
 
 def build_space(cfg: Frozen, seed: int) -> SearchSpace:
+    """The space `cfg.name` names; `seed` seeds its random initialisations (random seed points)."""
     return SPACES[cfg.name][1](cfg, seed)
