@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
 
 
 def test_a_failed_report_leaves_the_previous_one_untouched(runs, tmp_path, monkeypatch):
-    from evomerge import report
+    from evomerge.report import write
 
     _, cma = runs
     run = tmp_path / "run"
@@ -158,22 +158,15 @@ def test_a_failed_report_leaves_the_previous_one_untouched(runs, tmp_path, monke
     def broken(*a, **k):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(report, "plot_pareto", broken)
+    monkeypatch.setattr(write, "plot_pareto", broken)
     with pytest.raises(RuntimeError):
         main(["report", str(run)])
     assert sorted(p.name for p in (run / "report").iterdir()) == before
     assert [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"] == []  # no temp left
 
 
-def test_pareto_mask_keeps_the_non_dominated_first_of_equals():
-    from evomerge.report import pareto_mask
-
-    pts = np.array([[0.5, 0.5], [0.9, 0.1], [0.4, 0.4], [0.1, 0.9], [0.6, 0.6], [0.6, 0.6], [0.9, 0.0]])
-    assert list(np.flatnonzero(pareto_mask(pts))) == [1, 3, 4]  # as evomerge.pareto.ParetoFront
-
-
 def test_busy_intervals_and_utilization():
-    from evomerge.report import utilization
+    from evomerge.report.plots_workers import utilization
 
     iv = {0: np.array([[0.0, 1.0], [2.0, 3.0]]), 1: np.array([[0.0, 4.0]])}
     np.testing.assert_allclose(utilization(iv, 2, np.array([0.0, 2.0, 4.0])), [0.75, 0.75])
