@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory_plan.py [--out bench/results/memory_plan.json]
 
 Config-only model directories (just config.json) are written to a temporary directory for Llama-2-7B,
-Llama-3-8B and Qwen2.5-14B (bf16, untied embeddings); evomerge.memplan derives their tensors from the
+Llama-3-8B and Qwen2.5-14B (bf16, untied embeddings); evomerge.headers derives their tensors from the
 config and plans, for 3 and 8 experts, method ties, delta_dtype auto (bf16 deltas, as the checkpoint),
 resident model bf16, default memory settings (budget 90% of the GPU, reserve 10%, slices 64 MiB),
 one worker per GPU, a node with 256 GiB of RAM (so a host tier of 128 GiB, half of it):
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import write_results  # noqa: E402
-from evomerge.memplan import GIB, MIB, MemoryConfig, make_plan, model_tensors  # noqa: E402
+from evomerge.headers import model_tensors  # noqa: E402
+from evomerge.memplan import GIB, MIB, MemoryConfig, make_plan  # noqa: E402
 
 MODELS = {
     "Llama-2-7B": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=11008,

@@ -8,8 +8,8 @@ what does not depend on the candidate is computed once per run:
   is read in O(log n): for 16-bit deltas the count of every bit pattern of |d| (at most 32,768
   distinct magnitudes, a few KiB per tensor); for float32 deltas the sorted magnitudes (memory-mapped
   from the cache). A TIES / breadcrumbs mask is then a comparison with two numbers.
-* DARE's keep draw is a counter-based hash of (recipe seed, tensor, expert, element index), so a slice
-  of a tensor can be masked anywhere (CPU or GPU, resident or streamed) without a generator.
+* DARE's keep draw is a counter-based hash of (recipe seed, tensor, expert, element index) (`dare.py`), so
+  a slice of a tensor can be masked anywhere (CPU or GPU, resident or streamed) without a generator.
 * slerp's dot product and norms of (base, expert) per tensor.
 
 A candidate is then one elementwise pass per tensor over the base and every expert's slice
@@ -18,7 +18,6 @@ one write of the output).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,39 +25,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .dare import dare_numbers, tensor_key, uniform
+from .merge import linear
+from .methods import METHODS, PARAMS
+
 Tensor = torch.Tensor
-M31 = (1 << 31) - 1
-_C = (0x2545F491, 0x1B873593, 0x4F1BBCDD)  # odd multipliers < 2^31: products of two 31-bit numbers never overflow
 NONE, ALL = (math.inf, -1.0), (-1.0, math.inf)  # (lo, hi) bounds keeping nothing / everything
-
-
-# DARE's keep draw -----------------------------------------------------------------------------
-
-def tensor_key(seed: int, name: str, index: int) -> int:
-    """A 31-bit key of (recipe seed, tensor name, expert index): masks never depend on call order."""
-    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & M31
-
-
-def _mix(idx: Tensor, key) -> Tensor:
-    """A bijective 31-bit integer hash of the element index (multiply / xorshift rounds, no overflow)."""
-    h = torch.bitwise_and(torch.bitwise_xor(idx, key), M31)
-    for c in _C:
-        h = torch.bitwise_and(h * c, M31)
-        h = torch.bitwise_xor(h, h >> 15)
-    return h
-
-
-def uniform(key, offset, n: int, device) -> Tensor:
-    """float32 uniforms in [0, 1) (24 bits) for elements offset .. offset + n - 1 of a tensor."""
-    idx = torch.arange(n, dtype=torch.int64, device=device) + offset
-    return (_mix(idx, key) >> 7).to(torch.float32) * (2.0 ** -24)
-
-
-def dare_numbers(density: float) -> tuple[float, float]:
-    """(density, 1 / density) as float32 numbers: the keep test u < density and DARE's rescale."""
-    p = np.float32(density)
-    return float(p), float(np.float32(1.0) / p)
 
 
 # magnitude statistics ---------------------------------------------------------------------------
@@ -129,11 +101,12 @@ def breadcrumbs_bounds(table: MagnitudeTable, density: float, gamma: float) -> t
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """The candidate-independent shape of a merge: which terms the kernel computes."""
+    """The candidate-independent shape of a merge: which terms the kernel computes (from `methods.METHODS`)."""
 
-    method: str  # linear, slerp, or a task-vector method
+    method: str
     experts: int
-    masked: str = ""  # "", "band" (ties / breadcrumbs bounds) or "dare"
+    inputs: str  # experts (linear), slerp, or task_vectors
+    masked: str = ""  # "", "band" (magnitude or outlier bounds: ties / breadcrumbs) or "dare"
     consensus: bool = False
     normalize: bool = False
 
@@ -190,9 +163,9 @@ def _slerp(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
 
 
 def _slice_kernel(spec: SliceSpec, out: Tensor, base, inputs, p, offset, keys) -> None:
-    if spec.method == "linear":
+    if spec.inputs == "experts":
         res = _linear(spec, inputs, p)
-    elif spec.method == "slerp":
+    elif spec.inputs == "slerp":
         res = _slerp(base, inputs[0], p)
     else:
         res = _tv(spec, base, inputs, p, offset, keys)
@@ -211,34 +184,29 @@ def compiled_kernel():
 
 
 def spec_for(method: str, experts: int, normalize: bool | None) -> SliceSpec:
-    from .merge import TASK_VECTOR
-
-    if method == "linear":
-        return SliceSpec("linear", experts, normalize=True if normalize is None else normalize)
-    if method == "slerp":
-        return SliceSpec("slerp", 1)
-    consensus, default = TASK_VECTOR[method]
-    masked = "band" if method in ("ties", "breadcrumbs", "breadcrumbs_ties") else \
-        "dare" if method.startswith("dare") else ""
-    return SliceSpec(method, experts, masked, consensus, default if normalize is None else normalize)
+    m = METHODS[method]
+    if m.inputs == "slerp":
+        return SliceSpec(method, 1, m.inputs)
+    masked = "band" if m.by_magnitude else m.mask or ""
+    return SliceSpec(method, experts, m.inputs, masked, m.consensus, m.normalize if normalize is None else normalize)
 
 
 def slice_params(spec: SliceSpec, group: dict, tables=None, slerp_coeffs=None) -> list[list[float]]:
     """The (experts, 5) numbers of one tensor for one candidate (see `_tv`)."""
-    if spec.method == "slerp":
+    if spec.inputs == "slerp":
         return [[slerp_coeffs[0], slerp_coeffs[1], 0.0, 1.0, 1.0]]
     n = spec.experts
-    w = [float(x) for x in group.get("weight", [1.0] * n)]
-    density = [float(x) for x in group.get("density", [1.0] * n)]
-    gamma = [float(x) for x in group.get("gamma", [0.01] * n)]
+    w, density, gamma = ([float(x) for x in group.get(p, [PARAMS[p].unset] * n)]
+                         for p in ("weight", "density", "gamma"))
     total = float(torch.tensor(w, dtype=torch.float32).sum())
-    if spec.method != "linear" and abs(total) < 1e-8:
+    if spec.inputs == "task_vectors" and abs(total) < 1e-8:
         total = 1.0
+    top = METHODS[spec.method].mask == "magnitude"  # TIES: the top share; breadcrumbs: a band below the top
     rows = []
     for i in range(n):
         lo, hi, inv = *ALL, 1.0
         if spec.masked == "band":
-            lo, hi = (ties_bounds(tables[i], density[i]) if spec.method == "ties"
+            lo, hi = (ties_bounds(tables[i], density[i]) if top
                       else breadcrumbs_bounds(tables[i], density[i], gamma[i]))
         elif spec.masked == "dare":
             lo, inv = dare_numbers(density[i]) if density[i] < 1 else (2.0, 1.0)  # u < 2: always kept
@@ -305,13 +273,11 @@ class Merger:
         return self._keys[(seed, name)]
 
     def params(self, name: str, group: dict) -> Tensor:
-        coeffs = slerp_coefficients(self.slerp[name], group["t"][0]) if self.spec.method == "slerp" else None
+        coeffs = slerp_coefficients(self.slerp[name], group["t"][0]) if self.spec.inputs == "slerp" else None
         return torch.tensor(slice_params(self.spec, group, self.tables.get(name), coeffs), dtype=torch.float32,
                             device=self.device)
 
     def run(self, inputs, outs: dict, groups: dict, seed: int = 0) -> None:
-        from .merge import linear
-
         if self.kernel is not None and not self._compiled_ok:
             self._first_compiled(inputs, outs, groups, seed)
             return
@@ -323,7 +289,7 @@ class Merger:
                 if u.name not in params:
                     params[u.name] = self.params(u.name, groups[u.name])
                 p, out = params[u.name], outs[u.name][u.offset:u.offset + u.n]
-                if eager and spec.method == "linear":  # merge.linear: in place, mergekit's order
+                if eager and spec.inputs == "experts":  # merge.linear: in place, mergekit's order
                     xs = [v.float() for v in u.views]
                     w = p[:, 0].tolist()
                     if out.dtype == torch.float32:
@@ -331,7 +297,7 @@ class Merger:
                     else:
                         out.copy_(linear(xs, w, torch.empty_like(xs[0]), normalize=spec.normalize))
                     continue
-                tv = spec.method != "linear"
+                tv = spec.inputs != "experts"
                 offset = self._offsets.get(u.offset)
                 if offset is None:  # a 0-d device tensor per slice offset, made once (not a copy per slice)
                     offset = self._offsets[u.offset] = torch.tensor(u.offset, dtype=torch.int64, device=self.device)

@@ -8,7 +8,8 @@ A worker of an `hf_merge` space holds its *resident model* (the model merged int
 * `linear`: one full expert per expert (no base); `slerp`: the base and its one expert.
 
 Base and experts keep their checkpoint dtype. Each input is placed in a tier: `device` (beside the
-resident model), `host` (host memory: the page cache of the memory-mapped files, read ahead at start-up, one copy per node shared by its workers; copied to the GPU through pinned staging buffers) or `disk`
+resident model), `host` (host memory: the page cache of the memory-mapped files, read ahead at start-up,
+one copy per node shared by its workers; copied to the GPU through pinned staging buffers) or `disk`
 (memory-mapped from the safetensors files, read through the page cache). What is not on the device is
 streamed to it for every candidate, in slices of at most `memory.slice_mib` MiB per input,
 double-buffered, so streaming costs staging buffers of 2 x (inputs of one tensor) x min(slice, largest
@@ -21,29 +22,24 @@ staging buffers are set aside, whole tensors (all inputs of one tensor together)
 first-fit in checkpoint order, then to the host while the host budget (memory.host_gib, default half
 the node's RAM) lasts, the rest to disk.
 
-Everything here reads headers and configs only: no weights, no torch unless a GPU is asked about.
+Everything here reads headers and configs only (`headers.py`): no weights, no torch unless a GPU is
+asked about. The plan of a space's worker is `HFMergeSpace.memory_plan`.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field
 
-from .errors import UserError
+from .headers import DTYPE_BYTES, FLOATING, MIB, NAMES, nbytes, numel, st_dtype
+from .methods import METHODS
 from .schema import Frozen
 
 GIB = 2 ** 30
-MIB = 2 ** 20
 ASSUMED_H2D_GBPS = 20.0
-
-MAGNITUDE_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties")  # their caches also hold magnitude tables
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TIERS = ("device", "host", "disk")
 
 
@@ -64,156 +60,6 @@ class MemoryConfig(Frozen):
     h2d_gbps: float | None = Field(None, gt=0, description="host-to-device bandwidth for the plan's transfer "
                                                            "estimate, GB/s (default: measured on a GPU, else 20)")
     slice_mib: int = Field(64, ge=1, description="largest piece of one input streamed at a time, MiB")
-
-
-# safetensors dtypes ---------------------------------------------------------------------------
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-FLOATING = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # torch name -> safetensors
-
-
-def _st_dtype(name: str) -> str | None:
-    """"bfloat16" / "torch.bfloat16" -> "BF16"; "auto" -> None (each tensor keeps its own)."""
-    name = str(name).removeprefix("torch.")
-    if name == "auto":
-        return None
-    if name not in NAMES:
-        raise ValueError(f"dtype {name}: not one of {', '.join(NAMES)} or auto")
-    return NAMES[name]
-
-
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    n = DTYPE_BYTES[dtype]
-    for d in shape:
-        n *= d
-    return n
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-# the tensors of a model, from headers or its config -----------------------------------------------
-
-def model_tensors(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, safetensors dtype) of a model directory, in checkpoint order, reading only the
-    safetensors headers (`model.safetensors`, or the shards of `model.safetensors.index.json`); a
-    directory with only `config.json` has its tensors derived from the config (Llama, Mistral, Qwen2)."""
-    p = Path(path)
-    index, single, config = p / "model.safetensors.index.json", p / "model.safetensors", p / "config.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not a mapping")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({e})") from None
-        headers: dict[str, dict] = {}
-        out = {}
-        for name, shard in weight_map.items():
-            file = p / shard
-            if shard not in headers:
-                if not file.exists():
-                    raise UserError(f"{p}: shard {file} listed in the index does not exist")
-                headers[shard] = read_header(file)
-            if name not in headers[shard]:
-                raise UserError(f"{file}: no tensor {name}, which {index.name} places there")
-            out[name] = headers[shard][name]
-        return out
-    if single.exists():
-        return read_header(single)
-    if config.exists():
-        return config_tensors(config)
-    raise UserError(f"{p}: no model.safetensors, model.safetensors.index.json or config.json")
-
-
-def read_header(file: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) from a safetensors file's header (8-byte little-endian length, then JSON)."""
-    file = Path(file)
-    try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            size = os.fstat(f.fileno()).st_size
-            if len(head) < 8:
-                raise UserError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * MIB:
-                raise UserError(f"{file}: not a safetensors file (a header of {n} bytes in a file of {size})")
-            raw = f.read(n)
-    except OSError as e:
-        raise UserError(f"{file}: cannot read ({e.strerror or e})") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        out = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape = meta["dtype"], tuple(int(d) for d in meta["shape"])
-            if dtype not in DTYPE_BYTES:
-                raise ValueError(f"tensor {name}: dtype {dtype} is not known here")
-            out[name] = (shape, dtype)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{file}: not a safetensors header ({e})") from None
-    return out
-
-
-def config_tensors(config: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensors a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM checkpoint of this config.json
-    holds, as Hugging Face names them (tied embeddings: no lm_head; rotary inv_freq is not stored)."""
-    config = Path(config)
-    try:
-        c = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{config}: not a readable JSON config ({e})") from None
-    if not isinstance(c, dict):
-        raise UserError(f"{config}: not a JSON object")
-    archs = c.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
-        named = ", ".join(map(str, archs)) or f"model_type {c.get('model_type')}"
-        raise UserError(f"{config}: no weights beside it, and its architecture ({named}) cannot be planned from "
-                        f"the config alone; supported: {', '.join(ARCHITECTURES)}")
-    try:
-        dtype = _st_dtype(c.get("torch_dtype") or c.get("dtype") or "float32") or "F32"
-        h, inter, layers = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"])
-        heads, vocab = int(c["num_attention_heads"]), int(c["vocab_size"])
-        kv = int(c.get("num_key_value_heads") or heads)
-        hd = int(c.get("head_dim") or h // heads)
-    except KeyError as e:
-        raise UserError(f"{config}: no {e.args[0]}") from None
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{config}: {e}") from None
-    tied = bool(c.get("tie_word_embeddings", False))
-    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False))
-    o_bias = arch != "Qwen2ForCausalLM" and bool(c.get("attention_bias", False))
-    mlp_bias = arch == "LlamaForCausalLM" and bool(c.get("mlp_bias", False))
-    out = {"model.embed_tokens.weight": ((vocab, h), dtype)}
-    for i in range(layers):
-        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for proj, rows in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
-            out[f"{a}.{proj}.weight"] = ((rows, h), dtype)
-            if qkv_bias:
-                out[f"{a}.{proj}.bias"] = ((rows,), dtype)
-        out[f"{a}.o_proj.weight"] = ((h, heads * hd), dtype)
-        if o_bias:
-            out[f"{a}.o_proj.bias"] = ((h,), dtype)
-        for proj, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
-            out[f"{m}.{proj}.weight"] = (shape, dtype)
-            if mlp_bias:
-                out[f"{m}.{proj}.bias"] = ((shape[0],), dtype)
-        out[f"model.layers.{i}.input_layernorm.weight"] = ((h,), dtype)
-        out[f"model.layers.{i}.post_attention_layernorm.weight"] = ((h,), dtype)
-    out["model.norm.weight"] = ((h,), dtype)
-    if not tied:
-        out["lm_head.weight"] = ((vocab, h), dtype)
-    return out
 
 
 # the plan --------------------------------------------------------------------------------------
@@ -273,8 +119,9 @@ class Plan:
     def lines(self) -> list[str]:
         """A compact table for --dry-run."""
         e = len(self.labels)
-        inputs = {"linear": f"{e} experts", "slerp": "the base and 1 expert"}.get(
-            self.method, f"the base and {e} task vectors")
+        kind = METHODS[self.method].inputs if self.method in METHODS else "task_vectors"
+        inputs = {"experts": f"{e} experts", "slerp": "the base and 1 expert"}.get(
+            kind, f"the base and {e} task vectors")
         where = "its GPU" if self.device == "cuda" else "the CPU"
         gpu = f" of a {gib(self.gpu_bytes)} GPU" if self.gpu_bytes else ""
         out = [f"memory plan ({where}, per worker; {self.workers_per_node} worker"
@@ -305,12 +152,13 @@ class Plan:
 
 
 def inputs_of(method: str, labels: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """(kind, label) of the merge inputs of every tensor for this method."""
-    if method == "linear":
+    """(kind, label) of the merge inputs of every tensor for this method (its `methods.Method.inputs`)."""
+    inputs = METHODS[method].inputs if method in METHODS else None
+    if inputs == "experts":
         return [("expert", lbl) for lbl in labels]
-    if method == "slerp":
+    if inputs == "slerp":
         return [("base", "base"), ("expert", labels[0])]
-    if method in TASK_VECTOR_METHODS:
+    if inputs == "task_vectors":
         return [("base", "base"), *[("delta", lbl) for lbl in labels]]
     raise ValueError(f"method {method}: no memory plan for it")
 
@@ -339,17 +187,17 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
     host_bytes: the node's RAM (default: this machine's). measure_h2d: time a pinned copy on a local GPU
     when something streams and memory.h2d_gbps is not set (else 20 GB/s is assumed)."""
     labels = tuple(labels)
-    res_dt, delta_dt = _st_dtype(resident_dtype), _st_dtype(delta_dtype)
+    res_dt, delta_dt = st_dtype(resident_dtype), st_dtype(delta_dtype)
     kinds = inputs_of(method, labels)
     notes = []
 
-    resident = sum(_nbytes(s, res_dt if (res_dt and d in FLOATING) else d) for s, d in tensors.values())
-    params = sum(_numel(s) for s, _ in tensors.values())
+    resident = sum(nbytes(s, res_dt if (res_dt and d in FLOATING) else d) for s, d in tensors.values())
+    params = sum(numel(s) for s, _ in tensors.values())
     groups = []  # (name, [(kind, label, bytes)], total) per floating-point tensor
     for name, (shape, dt) in tensors.items():
         if dt not in FLOATING:
             continue
-        items = [(k, lbl, _nbytes(shape, (delta_dt or dt) if k == "delta" else dt)) for k, lbl in kinds]
+        items = [(k, lbl, nbytes(shape, (delta_dt or dt) if k == "delta" else dt)) for k, lbl in kinds]
         groups.append((name, items, sum(b for _, _, b in items)))
     total = sum(g[2] for g in groups)
     largest = max((b for _, items, _ in groups for _, _, b in items), default=0)
@@ -404,7 +252,7 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
         half = 0  # the resident model with every wider floating-point tensor in bfloat16
         for s, d in tensors.values():
             kept = (res_dt or d) if d in FLOATING else d
-            half += _nbytes(s, "BF16" if d in FLOATING and DTYPE_BYTES[kept] > 2 else kept)
+            half += nbytes(s, "BF16" if d in FLOATING and DTYPE_BYTES[kept] > 2 else kept)
         hints = ["a GPU with more memory" if device == "cuda" else "a larger memory.budget_gib"]
         if half < resident and half <= budget:
             hints.append("space.dtype: bfloat16")
@@ -496,69 +344,42 @@ def measure_h2d_gbps(mib: int = 256, repeats: int = 4) -> float:
     return _MEASURED[0]
 
 
-# a space's plan ------------------------------------------------------------------------------------
+# what a space plans for -----------------------------------------------------------------------------
 
-def plan_for_space(space_cfg, workers_per_node: int, *, measure_h2d: bool = True, gpu_share: float = 1.0) -> Plan:
-    """The plan of one worker of an hf_merge space (its config), reading headers only; with task-vector
-    methods, also whether the task-vector cache has room for the deltas."""
-    from .spaces.hf_merge import resolve_model
-
-    memory = getattr(space_cfg, "memory", None) or MemoryConfig()
-    base = resolve_model(space_cfg.models.base, "base")
-    experts = {k: resolve_model(v, f"experts.{k}") for k, v in space_cfg.models.experts.items()}
-    tensors = model_tensors(base)
-    dev = str(space_cfg.device)
+def plan_device(device: str, memory: MemoryConfig) -> tuple[str, int | None]:
+    """("cuda" | "cpu", the GPU's memory or None) a worker on `device` (a space's `device`: auto, cpu, cuda[:i])
+    is planned for: auto is cuda when memory.gpu_gib is set or this machine has a GPU; the GPU's memory is
+    memory.gpu_gib, else this machine's (None when it has none)."""
+    dev = str(device)
     if dev == "auto":
         dev = "cuda" if memory.gpu_gib is not None or local_cuda() else "cpu"
     dev = "cuda" if dev.startswith("cuda") else "cpu"
-    gpu_bytes = None
-    if dev == "cuda":
-        gpu_bytes = int(memory.gpu_gib * GIB) if memory.gpu_gib is not None else local_gpu_bytes()
-    delta_dtype = getattr(space_cfg, "delta_dtype", "auto")
-    plan = make_plan(tensors, method=space_cfg.method, labels=list(space_cfg.models.experts),
-                     resident_dtype=space_cfg.dtype, delta_dtype=delta_dtype, device=dev, memory=memory,
-                     gpu_bytes=gpu_bytes, gpu_share=gpu_share, workers_per_node=workers_per_node,
-                     measure_h2d=measure_h2d)
-    if plan.fits and space_cfg.method in TASK_VECTOR_METHODS:
-        why = _cache_room(space_cfg, base, experts, tensors, delta_dtype)
-        if why:
-            plan = replace(plan, fits=False, why=why)
-    return plan
+    if dev == "cpu":
+        return dev, None
+    return dev, int(memory.gpu_gib * GIB) if memory.gpu_gib is not None else local_gpu_bytes()
 
 
-def _task_vector_dir(space_cfg, base: Path, experts: dict[str, Path]) -> Path | None:
-    """The directory the space writes this model set's task vectors to (None: not known here)."""
-    from types import SimpleNamespace
+def cache_room(root: Path, keyed: Path | None, labels, tensors: dict, delta_dtype: str,
+               magnitude_tables: bool) -> str:
+    """"" when the task-vector cache can take the deltas still to be written, else the refusal.
 
-    from .spaces.hf_merge import HFMergeSpace
-
-    try:
-        return Path(HFMergeSpace.task_vector_dir(SimpleNamespace(cfg=space_cfg, base_path=base,
-                                                                 expert_paths=experts)))
-    except Exception:  # noqa: BLE001 - its key needs more of the space than a config: plan for the root
-        return None
-
-
-def _cache_room(space_cfg, base: Path, experts: dict[str, Path], tensors: dict, delta_dtype: str) -> str:
-    """"" when the task-vector cache can take the deltas still to be written, else the refusal."""
-    root = Path(space_cfg.cache_dir).expanduser() if space_cfg.cache_dir else (
-        Path.home() / ".cache" / "evomerge" / "task_vectors")
-    dt = _st_dtype(delta_dtype)
+    root: the cache root the user named (or the default); keyed: this model set's directory under it (None:
+    not known here, every expert counted); tensors: the base's (name -> (shape, dtype)); magnitude_tables:
+    the method also stores each delta's magnitude table (`kernels.MagnitudeTable`)."""
+    dt = st_dtype(delta_dtype)
     floats = [(s, dt or d) for s, d in tensors.values() if d in FLOATING]
-    one = sum(_nbytes(s, d) for s, d in floats)
-    keyed = _task_vector_dir(space_cfg, base, experts)
-    todo = [lbl for lbl in experts if keyed is None or not (keyed / f"{lbl}.safetensors").exists()]
+    one = sum(nbytes(s, d) for s, d in floats)
+    todo = [lbl for lbl in labels if keyed is None or not (keyed / f"{lbl}.safetensors").exists()]
     need = one * len(todo)
     tables = 0
-    if space_cfg.method in MAGNITUDE_METHODS:  # each delta's magnitude table (kernels.MagnitudeTable)
-        table = sum(4 * _numel(s) if DTYPE_BYTES[d] > 2 else 12 * min(_numel(s), 1 << 15) for s, d in floats)
-        tables = table * sum(1 for lbl in experts
+    if magnitude_tables:
+        table = sum(4 * numel(s) if DTYPE_BYTES[d] > 2 else 12 * min(numel(s), 1 << 15) for s, d in floats)
+        tables = table * sum(1 for lbl in labels
                              if keyed is None or not (keyed / f"{lbl}.magnitudes.safetensors").exists())
         need += tables
     if not need:
         return ""
-    where = keyed or root
-    probe = where
+    probe = keyed or root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
@@ -569,7 +390,7 @@ def _cache_room(space_cfg, base: Path, experts: dict[str, Path], tensors: dict, 
         return ""
     wide = any(DTYPE_BYTES[dt or d] > 2 for _, d in tensors.values() if d in FLOATING)
     hint = ", or space.delta_dtype: bfloat16" if wide else ""
-    n = len(todo) or len(experts)
+    n = len(todo) or len(labels)
     parts = f"{gib(one)} each in delta_dtype {delta_dtype}" + (f", {gib(tables)} of magnitude tables" if tables else "")
     return (f"space.cache_dir: {root}: the task vectors of {n} expert{'s' if n != 1 else ''} need {gib(need)} "
             f"({parts}) and its disk has {gib(free)} free; free space, set space.cache_dir to a larger disk{hint}")

@@ -8,14 +8,17 @@ expert, element), so a recipe always yields the same model. These are the refere
 (one tensor, selection per call); the search runs merge through `kernels.py`, which computes the
 selection statistics once per run and gives the same tensors.
 
-| method | mergekit semantics |
-| --- | --- |
-| linear | sum_i w_i x_i, divided by sum_i w_i when normalize (default true) |
-| task_arithmetic | base + sum_i w_i d_i; / sum_i w_i when normalize (default false) |
-| ties | d_i trimmed to the top `density` share by magnitude (ties at the threshold kept), sign election by the sum of w_i d_i, disjoint mean (normalize default true) |
-| dare_ties / dare_linear | d_i kept with probability `density` and rescaled by 1/density; with / without sign election |
-| breadcrumbs / breadcrumbs_ties | d_i without the largest `gamma` share and the smallest, keeping `density`; without / with sign election |
-| slerp | spherical interpolation base -> other by `t`, linear when the directions are nearly parallel |
+The methods (`methods.METHODS`), with mergekit's semantics:
+
+* linear: sum_i w_i x_i, divided by sum_i w_i when normalize (default true);
+* task_arithmetic: base + sum_i w_i d_i; / sum_i w_i when normalize (default false);
+* ties: d_i trimmed to the top `density` share by magnitude (ties at the threshold kept), sign election
+  by the sum of w_i d_i, disjoint mean (normalize default true);
+* dare_ties / dare_linear: d_i kept with probability `density` and rescaled by 1/density; with / without
+  sign election;
+* breadcrumbs / breadcrumbs_ties: d_i without the largest `gamma` share and the smallest, keeping
+  `density`; without / with sign election;
+* slerp: spherical interpolation base -> other by `t`, linear when the directions are nearly parallel.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from .dare import dare_numbers, tensor_key, uniform
+from .methods import PARAMS, method as method_entry
 
 Tensor = torch.Tensor
 
@@ -79,12 +85,10 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
 
 def dare_mask(delta: Tensor, density: float, key: int) -> Tensor:
     """Bernoulli(density) mask scaled by 1 / density (DARE's drop and rescale). The draw is a hash of
-    (key, element index) (`kernels.uniform`; key = `kernels.tensor_key(seed, tensor, expert)`), so a
+    (key, element index) (`dare.uniform`; key = `dare.tensor_key(seed, tensor, expert)`), so a
     recipe always yields the same model, on any device, whole or in slices."""
     if density >= 1:
         return torch.ones_like(delta)
-    from .kernels import dare_numbers, uniform
-
     p, inv = dare_numbers(density)
     keep = uniform(key, 0, delta.numel(), delta.device).view(delta.shape) < p
     return keep.to(delta.dtype) * inv
@@ -166,25 +170,15 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], out: Tensor, nor
     return out
 
 
-def task_arithmetic(base, deltas, weights, out, normalize: bool = False):
-    return mix_deltas(base, deltas, weights, out, normalize=normalize)
-
-
-def ties(base, deltas, weights, densities, out, normalize: bool = True):
-    masks = [magnitude_mask(d, p) for d, p in zip(deltas, densities)]
-    return mix_deltas(base, deltas, weights, out, masks=masks, consensus=True, normalize=normalize)
-
-
-def dare(base, deltas, weights, densities, out, *, seed: int, name: str, consensus: bool, normalize: bool = False):
-    from .kernels import tensor_key
-
-    masks = [dare_mask(d, p, tensor_key(seed, name, i)) for i, (d, p) in enumerate(zip(deltas, densities))]
-    return mix_deltas(base, deltas, weights, out, masks=masks, consensus=consensus, normalize=normalize)
-
-
-def breadcrumbs(base, deltas, weights, densities, gammas, out, *, consensus: bool = False, normalize: bool = False):
-    masks = [outlier_mask(d, p, g) for d, p, g in zip(deltas, densities, gammas)]
-    return mix_deltas(base, deltas, weights, out, masks=masks, consensus=consensus, normalize=normalize)
+def _masks(mask: str | None, deltas, density, gamma, seed: int, name: str) -> list[Tensor] | None:
+    """Each expert's selection mask of task-vector entries, by the method's `mask` (methods.Method)."""
+    if mask is None:
+        return None
+    if mask == "magnitude":
+        return [magnitude_mask(d, p) for d, p in zip(deltas, density)]
+    if mask == "outlier":
+        return [outlier_mask(d, p, g) for d, p, g in zip(deltas, density, gamma)]
+    return [dare_mask(d, p, tensor_key(seed, name, i)) for i, (d, p) in enumerate(zip(deltas, density))]
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, out: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
@@ -209,59 +203,26 @@ def slerp(t: float, v0: Tensor, v1: Tensor, out: Tensor, dot_threshold: float = 
     return out
 
 
-# (uses sign election, normalize default) of the task-vector methods, as in mergekit
-TASK_VECTOR = {
-    "task_arithmetic": (False, False),
-    "ties": (True, True),
-    "dare_ties": (True, False),
-    "dare_linear": (False, False),
-    "breadcrumbs": (False, False),
-    "breadcrumbs_ties": (True, False),
-}
-METHODS = ("linear", "slerp", *TASK_VECTOR)
-METHOD_DOCS = {  # mergekit's semantics (tests/test_mergekit_parity.py compares the tensors with mergekit-yaml)
-    "linear": "weighted average of the models' tensors (normalized by the sum of weights by default)",
-    "slerp": "spherical interpolation between the base and one expert at t, tensor by tensor",
-    "task_arithmetic": "base + sum of weight x task vector (expert - base)",
-    "ties": "task vectors trimmed to the top `density` fraction by magnitude, a sign elected per entry, "
-            "agreeing entries averaged (TIES-Merging)",
-    "dare_ties": "task vectors randomly dropped to `density` and rescaled (DARE), then TIES sign election",
-    "dare_linear": "DARE-dropped task vectors added with their weights, no sign election",
-    "breadcrumbs": "task vectors without their largest `gamma` and smallest entries (kept `density`), "
-                   "added with their weights (Model Breadcrumbs)",
-    "breadcrumbs_ties": "breadcrumbs masks with TIES sign election",
-}
-
-
 def merge_tensor(method: str, name: str, base: Tensor, experts: Sequence[Tensor], out: Tensor, *,
                  weights: Sequence[float] | None = None, density: Sequence[float] | None = None,
                  gamma: Sequence[float] | None = None, t: float | None = None, normalize: bool | None = None,
                  seed: int = 0, deltas: Sequence[Tensor] | None = None) -> Tensor:
-    """Merge one tensor by `method` into `out`. Per-expert parameters are sequences, one per expert.
+    """Merge one tensor by `method` (an entry of `methods.METHODS`) into `out`. Per-expert parameters are
+    sequences, one per expert; a parameter not given takes its `methods.PARAMS` unset value.
 
     `deltas` (expert - base, precomputed once per run) spare the subtraction; `linear` weights
     the experts themselves, and `slerp` goes from base (t = 0) to the single expert (t = 1).
     """
-    n = len(experts)
-    if method == "slerp":
+    m, n = method_entry(method), len(experts)
+    normalize = m.normalize if normalize is None else normalize
+    if m.inputs == "slerp":
         if n != 1:
             raise ValueError(f"slerp merges the base with exactly one expert, got {n}")
-        return slerp(0.5 if t is None else t, base, experts[0], out)
-    weights = [1.0] * n if weights is None else list(weights)
-    if method == "linear":
-        return linear(experts, weights, out, normalize=True if normalize is None else normalize)
-    if method not in TASK_VECTOR:
-        raise ValueError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
-    consensus, default_normalize = TASK_VECTOR[method]
-    normalize = default_normalize if normalize is None else normalize
+        return slerp(PARAMS["t"].unset if t is None else t, base, experts[0], out)
+    weights, density, gamma = ([PARAMS[p].unset] * n if v is None else list(v)
+                               for p, v in (("weight", weights), ("density", density), ("gamma", gamma)))
+    if m.inputs == "experts":
+        return linear(experts, weights, out, normalize=normalize)
     deltas = [e - base for e in experts] if deltas is None else deltas
-    density = [1.0] * n if density is None else list(density)
-    if method == "task_arithmetic":
-        return task_arithmetic(base, deltas, weights, out, normalize=normalize)
-    if method == "ties":
-        return ties(base, deltas, weights, density, out, normalize=normalize)
-    if method.startswith("dare"):
-        return dare(base, deltas, weights, density, out, seed=seed, name=name, consensus=consensus,
-                    normalize=normalize)
-    gamma = [0.01] * n if gamma is None else list(gamma)
-    return breadcrumbs(base, deltas, weights, density, gamma, out, consensus=consensus, normalize=normalize)
+    return mix_deltas(base, deltas, weights, out, masks=_masks(m.mask, deltas, density, gamma, seed, name),
+                      consensus=m.consensus, normalize=normalize)

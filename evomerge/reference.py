@@ -137,8 +137,7 @@ def catalog() -> list[str]:
     from evomerge.fitness import FITNESSES
     from evomerge.populations import STRATEGIES
 
-    from .spaces.hf_merge import METHOD_PARAMS
-    from .merge import METHOD_DOCS
+    from .methods import METHODS
     from .spaces import SPACES
 
     lines = ["### Strategies", "",
@@ -152,8 +151,8 @@ def catalog() -> list[str]:
         lines.append(f"| `{name}` | {_cell(_doc(impl))} |")
     lines += ["", "### Merge methods (`space.method` of `hf_merge`)", "",
               "| method | searched parameters (per group and expert) | what it computes |", "| --- | --- | --- |"]
-    for name, params in METHOD_PARAMS.items():
-        lines.append(f"| `{name}` | {', '.join(params)} | {_cell(METHOD_DOCS[name])} |")
+    for name, m in METHODS.items():
+        lines.append(f"| `{name}` | {', '.join(m.params)} | {_cell(m.doc)} |")
     lines += ["", "### Fitness types", "", "| `fitness.name` | spaces | what it scores |", "| --- | --- | --- |"]
     for name, (_, impl) in FITNESSES.items():
         lines.append(f"| `{name}` | {', '.join(impl.spaces)} | {_cell(_doc(impl))} |")

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 
 from .errors import UserError
+from .headers import NAMES
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _EMBED = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
@@ -176,6 +177,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _MAPS: dict[Path, dict[str, torch.Tensor]] = {}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's dtype name (float64, float32, bfloat16, float16)."""
+    return _DTYPES[NAMES[name]]
+
+
 def _mapped(file: Path) -> dict[str, torch.Tensor]:
     """Views of every tensor of a safetensors file over one mmap of it (cached per process)."""
     import mmap
@@ -214,7 +220,8 @@ def check_compatible(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
             if got[name][0] != ref[name][0]:
                 raise UserError(f"models: expert {label} tensor {name} has shape {list(got[name][0])}, "
                                 f"the base has {list(ref[name][0])}")
-            if is_float_dtype(got[name][1]) != is_float_dtype(ref[name][1]):  # floats cast to one dtype; others must match
+            # floats are cast to one dtype; other dtypes must match
+            if is_float_dtype(got[name][1]) != is_float_dtype(ref[name][1]):
                 raise UserError(f"models: expert {label} tensor {name} has dtype {got[name][1]}, "
                                 f"the base has {ref[name][1]}")
         extra = sorted(set(got) - set(ref))

@@ -64,7 +64,8 @@ def test_search_logs_recipes_and_exports_them(cli, setup, tmp_path):
     assert r.returncode == 0, r.stderr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m3")
     AutoTokenizer.from_pretrained(tmp_path / "m3")
-    assert json.loads((tmp_path / "m3" / "recipe.json").read_text()) == evals[[e["id"] for e in evals].index(3)]["recipe"]
+    third = evals[[e["id"] for e in evals].index(3)]
+    assert json.loads((tmp_path / "m3" / "recipe.json").read_text()) == third["recipe"]
     mk = yaml.safe_load((tmp_path / "m3.yaml").read_text())
     assert mk["merge_method"] == "ties" and len(mk["models"]) == 3
     assert isinstance(next(model.parameters()), torch.Tensor)
@@ -87,7 +88,8 @@ def test_search_logs_recipes_and_exports_them(cli, setup, tmp_path):
     score = lambda i: 0.2 * points[i][0] + 0.8 * points[i][1]  # noqa: E731
     assert score(chosen) == max(score(i) for i in on_front)
     r = cli("export", str(out), "--prefer", "mul=1", "--mergekit", str(tmp_path / "x.yaml"))
-    assert r.returncode == 2 and "'mul' is not an objective of this run; choose from add_accuracy, add4_accuracy" in r.stderr
+    assert r.returncode == 2
+    assert "'mul' is not an objective of this run; choose from add_accuracy, add4_accuracy" in r.stderr
 
 
 def test_mismatched_expert_is_refused_before_anything_starts(cli, setup, tmp_path):
@@ -102,7 +104,8 @@ def test_mismatched_expert_is_refused_before_anything_starts(cli, setup, tmp_pat
     r = cli("--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and not (tmp_path / "run").exists()
     assert r.stderr.strip().splitlines() == [
-        "error: models: expert odd tensor model.layers.0.mlp.down_proj.weight has shape [32, 48], the base has [32, 64]"]
+        "error: models: expert odd tensor model.layers.0.mlp.down_proj.weight has shape [32, 48], "
+        "the base has [32, 64]"]
 
 
 def test_frank_wolfe_runs_a_taskwise_selection_on_ray_workers(cli, setup, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from evomerge import kernels as K
+from evomerge.dare import tensor_key, uniform
 from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
 from evomerge.inputs import MergeInputs
 from evomerge.merge import magnitude_mask, merge_tensor, outlier_mask
@@ -53,7 +54,7 @@ def test_precomputed_selection_equals_per_call_selection(dtype, ties):
         for normalize in (None, True, False):
             spec = K.spec_for(method, 3, normalize)
             p = torch.tensor(K.slice_params(spec, GROUP, tables), dtype=torch.float32)
-            keys = torch.tensor([K.tensor_key(5, "w", i) for i in range(3)])
+            keys = torch.tensor([tensor_key(5, "w", i) for i in range(3)])
             out = torch.empty(base.shape)
             K._slice_kernel(spec, out, base, experts if method == "linear" else deltas, p, torch.tensor(0), keys)
             want = reference(method, base, experts, deltas, normalize)
@@ -72,12 +73,12 @@ def test_ties_at_the_threshold_are_kept():
 
 
 def test_dare_draw_is_the_same_for_slices_and_devices_of_one_tensor():
-    key = K.tensor_key(3, "model.layers.0.mlp.up_proj.weight", 1)
-    whole = K.uniform(key, 0, 10_000, "cpu")
-    parts = torch.cat([K.uniform(key, off, 1000, "cpu") for off in range(0, 10_000, 1000)])
+    key = tensor_key(3, "model.layers.0.mlp.up_proj.weight", 1)
+    whole = uniform(key, 0, 10_000, "cpu")
+    parts = torch.cat([uniform(key, off, 1000, "cpu") for off in range(0, 10_000, 1000)])
     assert torch.equal(whole, parts) and 0 <= float(whole.min()) and float(whole.max()) < 1
     assert abs(float((whole < 0.3).float().mean()) - 0.3) < 0.02
-    assert not torch.equal(whole, K.uniform(K.tensor_key(3, "model.layers.0.mlp.up_proj.weight", 2), 0, 10_000, "cpu"))
+    assert not torch.equal(whole, uniform(tensor_key(3, "model.layers.0.mlp.up_proj.weight", 2), 0, 10_000, "cpu"))
 
 
 def test_streamed_slices_equal_resident_tensors():
@@ -134,7 +135,7 @@ def test_compiled_kernel_equals_the_eager_kernel():
     for method in ("ties", "dare_ties"):
         spec = K.spec_for(method, 3, None)
         p = torch.tensor(K.slice_params(spec, GROUP, tables), dtype=torch.float32)
-        keys = torch.tensor([K.tensor_key(1, "x", i) for i in range(3)])
+        keys = torch.tensor([tensor_key(1, "x", i) for i in range(3)])
         a, b = torch.empty(4096, dtype=torch.bfloat16), torch.empty(4096, dtype=torch.bfloat16)
         K._slice_kernel(spec, a, base, deltas, p, torch.tensor(7), keys)
         kernel(spec, b, base, deltas, p, torch.tensor(7), keys)

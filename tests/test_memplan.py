@@ -10,7 +10,9 @@ import yaml
 
 from evomerge import memplan
 from evomerge.errors import UserError
-from evomerge.memplan import GIB, MIB, MemoryConfig, make_plan, model_tensors, plan_for_space
+from evomerge.headers import model_tensors
+from evomerge.memplan import GIB, MIB, MemoryConfig, make_plan
+from evomerge.spaces.hf_merge import HFMergeSpace
 
 # a tiny Llama: hidden 8, intermediate 16, 2 layers, 2 heads of 4, 1 kv head, vocab 10
 TINY = dict(architectures=["LlamaForCausalLM"], hidden_size=8, intermediate_size=16, num_hidden_layers=2,
@@ -280,24 +282,24 @@ def space_cfg(root, method="ties", **kw):
                               cache_dir=str(root / "tv"), **kw)
 
 
-def test_plan_for_space_devices(tmp_path):
-    p = plan_for_space(space_cfg(tmp_path, dtype="float32"), workers_per_node=3)
+def test_memory_plan_of_a_space_devices(tmp_path):
+    p = HFMergeSpace.memory_plan(space_cfg(tmp_path, dtype="float32"), workers_per_node=3)
     assert p.device == "cpu" and p.fits and p.workers_per_node == 3 and p.labels == ("a", "b")
     assert p.resident == 4 * TINY_PARAMS  # space.dtype defaults to float32
-    g = plan_for_space(space_cfg(tmp_path, memory={"gpu_gib": 24}), workers_per_node=1)
+    g = HFMergeSpace.memory_plan(space_cfg(tmp_path, memory={"gpu_gib": 24}), workers_per_node=1)
     assert g.device == "cuda" and g.gpu_bytes == 24 * GIB and g.fits
-    assert plan_for_space(space_cfg(tmp_path, method="linear"), 1).inputs_bytes == 2 * 2 * TINY_PARAMS
+    assert HFMergeSpace.memory_plan(space_cfg(tmp_path, method="linear"), 1).inputs_bytes == 2 * 2 * TINY_PARAMS
 
 
-def test_plan_for_space_refuses_a_cache_without_room(tmp_path, monkeypatch):
+def test_memory_plan_of_a_space_refuses_a_cache_without_room(tmp_path, monkeypatch):
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(memplan.shutil, "disk_usage", lambda p: usage(100, 90, 10))
-    p = plan_for_space(space_cfg(tmp_path), 1)
+    p = HFMergeSpace.memory_plan(space_cfg(tmp_path), 1)
     assert not p.fits and str(tmp_path / "tv") in p.why and "task vectors of 2 experts" in p.why
     assert "\n" not in p.why
-    assert plan_for_space(space_cfg(tmp_path, method="linear"), 1).fits  # no task vectors
+    assert HFMergeSpace.memory_plan(space_cfg(tmp_path, method="linear"), 1).fits  # no task vectors
 
 
 # the CLI ----------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def test_float_and_integer_tensors_do_not_mix(tmp_path):
     base = Checkpoint.open(model(tmp_path, "base", TENSORS))
     half = Checkpoint.open(model(tmp_path, "half", {k: v.half() for k, v in TENSORS.items()}))
     check_compatible(base, {"half": half})  # float16 casts to the base's float32
-    ints = Checkpoint.open(model(tmp_path, "ints", dict(TENSORS, **{"model.norm.weight": torch.ones(3, dtype=torch.int32)})))
+    ints = Checkpoint.open(model(tmp_path, "ints",
+                                 dict(TENSORS, **{"model.norm.weight": torch.ones(3, dtype=torch.int32)})))
     with pytest.raises(UserError, match="expert i tensor model.norm.weight has dtype I32, the base has F32"):
         check_compatible(base, {"i": ints})
 

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .hf_merge import Range
+from .merge_types import Range
 from ..schema import Frozen
 from .base import SearchSpace
 
@@ -73,7 +73,8 @@ class APIWeightsSpace(SearchSpace):
 
     def describe(self) -> dict:
         return {"dim": self.dim, "models": self.labels,
-                "layout": [f"{g}/{p}/{m} [{lo:g}, {hi:g}]" for (g, p, m), lo, hi in zip(self.layout, self.lower, self.upper)]}
+                "layout": [f"{g}/{p}/{m} [{lo:g}, {hi:g}]"
+                           for (g, p, m), lo, hi in zip(self.layout, self.lower, self.upper)]}
 
     def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
         directory = Path(directory)

@@ -9,13 +9,13 @@ slerp). The recipe, not the vector, is what the run logs, so any evaluation can 
 Workers call `open_runtime()` once: the base becomes their resident model (on their device),
 experts and task vectors are memory-mapped from safetensors (shared by the workers of a
 node through the page cache), and `materialize(recipe)` merges in place into the resident
-model's parameters.
+model's parameters (`runtime.MergeRuntime`). The methods, their parameters and ranges are
+`methods.METHODS`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,52 +23,12 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import UserError
-from ..files import save_pretrained, save_safetensors
-from ..memplan import MemoryConfig
+from ..memplan import MemoryConfig, Plan
+from ..methods import GRADIENT_METHODS, METHODS, PARAMS
 from ..schema import Frozen
-from .base import SearchSpace
+from .merge_types import CheckpointSpace, Models, Range, cache_root, files_key, resolve_models
 
-# searched (per expert) parameters of each method, in mergekit's names
-METHOD_PARAMS = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "breadcrumbs": ("weight", "density", "gamma"),
-    "breadcrumbs_ties": ("weight", "density", "gamma"),
-    "slerp": ("t",),
-}
-GRADIENT_METHODS = ("task_arithmetic", "linear")  # merged tensors linear in the weights
-BAND_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties")  # select task-vector entries by magnitude
-DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "gamma": (0.0, 0.05), "t": (0.0, 1.0)}
-VALID = {"density": (1e-6, 1.0), "gamma": (0.0, 1.0), "t": (0.0, 1.0)}
-
-
-class Range(Frozen):
-    """A searched interval: the strategy's bounds for this parameter."""
-
-    low: float = Field(description="lower bound (inclusive)")
-    high: float = Field(description="upper bound (inclusive; equal to low fixes the value)")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.low > self.high:
-            raise ValueError(f"low {self.low} is above high {self.high}")
-        return self
-
-
-class Models(Frozen):
-    """The seed checkpoints: a base and labelled experts (full checkpoints or LoRA adapters of the base)."""
-
-    base: str = Field(description="base model: a local directory or a hub id")
-    experts: dict[str, str] = Field(description="label -> fine-tuned model (local directory or hub id)")
-
-    @model_validator(mode="after")
-    def _some(self):
-        if not self.experts:
-            raise ValueError("name at least one expert")
-        return self
+_DEFAULTS = ", ".join(f"{p.name} [{p.search[0]:g}, {p.search[1]:g}]" for p in PARAMS.values())
 
 
 class HFMergeSpaceConfig(Frozen):
@@ -76,13 +36,13 @@ class HFMergeSpaceConfig(Frozen):
 
     name: Literal["hf_merge"]
     models: Models = Field(description="the base and the experts (checkpoint directories, hub ids or LoRA adapters)")
-    method: Literal[tuple(METHOD_PARAMS)] = Field("ties", description="merge method (mergekit semantics)")
+    method: Literal[tuple(METHODS)] = Field("ties", description="merge method (mergekit semantics)")
     layer_granularity: int = Field(1, ge=0, description="layers per group of coefficients; 0: one global group")
     filters: tuple[str, ...] = Field((), description="substrings (e.g. attn, mlp) that split block groups")
     params: dict[str, float | Range] = Field(
         default_factory=dict,
         description="per-expert parameters: a number fixes it, {low, high} searches it; "
-                    "defaults weight [0, 1], density [0.1, 1], gamma [0, 0.05], t [0, 1]")
+                    f"defaults {_DEFAULTS}")
     normalize: bool | None = Field(None, description="divide by the sum of weights; default mergekit's per method")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the resident model; auto: the checkpoint's (config.json torch_dtype)")
@@ -101,66 +61,47 @@ class HFMergeSpaceConfig(Frozen):
 
     @model_validator(mode="after")
     def _params_fit_method(self):
-        allowed = METHOD_PARAMS[self.method]
+        allowed = METHODS[self.method].params
         for k, v in self.params.items():
             if k not in allowed:
                 raise ValueError(f"params.{k}: method {self.method} takes {', '.join(allowed)}")
             lo, hi = (v.low, v.high) if isinstance(v, Range) else (v, v)
-            if k in VALID and (lo < VALID[k][0] or hi > VALID[k][1]):
-                raise ValueError(f"params.{k}: must lie in [{VALID[k][0]}, {VALID[k][1]}]")
-        if self.method == "slerp" and len(self.models.experts) != 1:
+            valid = PARAMS[k].valid
+            if valid is not None and (lo < valid[0] or hi > valid[1]):
+                raise ValueError(f"params.{k}: must lie in [{valid[0]}, {valid[1]}]")
+        if METHODS[self.method].inputs == "slerp" and len(self.models.experts) != 1:
             raise ValueError("slerp merges the base with exactly one expert")
         return self
 
 
-def resolve_model(ref: str, what: str) -> Path:
-    """A local directory, or a hub id resolved through the local hub cache / a download."""
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists() or ref.startswith((".", "/", "~")):
-        raise UserError(f"space.models.{what}: {ref}: not a model directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - any hub failure is the user's model reference
-        hint = ""
-        if ref.startswith("zoo/"):
-            from ..command import prog
-
-            name = ref.split("/")[1]
-            hint = f"; build the demo models first: {prog('zoo')} {name} --out zoo/{name}"
-        raise UserError(f"space.models.{what}: {ref}: not a local directory and not loadable from the hub "
-                        f"({type(e).__name__}){hint}") from None
+def task_vector_dir(cfg: HFMergeSpaceConfig, base_path: Path, expert_paths: dict[str, Path]) -> Path:
+    """Where this model set's task vectors (and magnitude tables) are written once: keyed by the delta dtype
+    and the models' safetensors files."""
+    files = [f for p in [base_path, *expert_paths.values()] for f in sorted(p.glob("*.safetensors"))]
+    return cache_root(cfg.cache_dir) / files_key(f"deltas:{cfg.delta_dtype}", files)
 
 
-class HFMergeSpace(SearchSpace):
+class HFMergeSpace(CheckpointSpace):
     def __init__(self, cfg: HFMergeSpaceConfig, seed: int):
-        from ..weights import Checkpoint, check_compatible, group_of, open_expert
+        from ..weights import group_of
 
         self.cfg = cfg
         self.seed = seed
         self.labels = list(cfg.models.experts)
-        self.base_path = resolve_model(cfg.models.base, "base")
-        self.expert_paths = {k: resolve_model(v, f"experts.{k}") for k, v in cfg.models.experts.items()}
-        self.base = Checkpoint.open(self.base_path)
-        self.experts = {k: open_expert(p, self.base) for k, p in self.expert_paths.items()}
-        check_compatible(self.base, self.experts)
+        self.open_models(cfg.models)
         k = cfg.layer_granularity
         self.tensor_group = {
             n: ("all" if k == 0 else group_of(n, k, cfg.filters)) for n in self.base.names()}
         self.groups = sorted(set(self.tensor_group.values()), key=_group_order)
         searched, self.fixed = [], {}
-        for p in METHOD_PARAMS[cfg.method]:
-            v = cfg.params.get(p, Range(low=DEFAULT_RANGES[p][0], high=DEFAULT_RANGES[p][1]))
+        for p in METHODS[cfg.method].params:
+            v = cfg.params.get(p, Range(low=PARAMS[p].search[0], high=PARAMS[p].search[1]))
             if isinstance(v, Range) and v.low < v.high:
                 searched.append((p, v))
             else:
                 self.fixed[p] = v.low if isinstance(v, Range) else float(v)
-        per = 1 if cfg.method == "slerp" else len(self.labels)
         self.layout = [(g, p, e) for g in self.groups for p, _ in searched
-                       for e in (self.labels[:per])]
+                       for e in (self.labels[:self.per_group()])]
         ranges = {p: v for p, v in searched}
         self.lower = np.array([ranges[p].low for _, p, _ in self.layout], np.float64)
         self.upper = np.array([ranges[p].high for _, p, _ in self.layout], np.float64)
@@ -169,13 +110,17 @@ class HFMergeSpace(SearchSpace):
             raise UserError("space.params: every parameter is fixed: nothing to search")
         self.runtime = None
 
+    def per_group(self) -> int:
+        """Values of each parameter per group: one per expert (slerp: one t)."""
+        return 1 if METHODS[self.cfg.method].inputs == "slerp" else len(self.labels)
+
     # the vector <-> recipe ------------------------------------------------------------------
     def seeds(self) -> list[np.ndarray]:
         return [((self.lower + self.upper) / 2).astype(np.float32)]
 
     def decode(self, x: np.ndarray) -> dict:
         x = np.clip(np.asarray(x, np.float64), self.lower, self.upper)
-        n = 1 if self.cfg.method == "slerp" else len(self.labels)
+        n = self.per_group()
         groups = {g: {p: [v] * n for p, v in self.fixed.items()} for g in self.groups}
         for (g, p, e), v in zip(self.layout, x):
             groups[g].setdefault(p, []).append(round(float(v), 7))
@@ -189,9 +134,6 @@ class HFMergeSpace(SearchSpace):
         if method is None and self.cfg.normalize is not None:
             recipe["normalize"] = self.cfg.normalize
         return recipe
-
-    def recipe(self, x: np.ndarray) -> dict:
-        return self.decode(x)
 
     def describe(self) -> dict:
         return {"dim": self.dim, "method": self.cfg.method, "experts": self.labels, "groups": self.groups,
@@ -211,8 +153,6 @@ class HFMergeSpace(SearchSpace):
         Per-group values become per-tensor conditional parameters (`filter` = the full tensor
         name, which mergekit matches as a substring, first match wins).
         """
-        from ..methods import METHODS
-
         entry = METHODS.get(recipe["method"])
         if entry is None or entry.mergekit is None:
             raise UserError(f"--mergekit: method {recipe['method']} has no mergekit equivalent")
@@ -242,33 +182,44 @@ class HFMergeSpace(SearchSpace):
             cfg["parameters"] = {"normalize": recipe["normalize"]}
         return cfg
 
+    @classmethod
+    def memory_plan(cls, cfg: HFMergeSpaceConfig, workers_per_node: int, gpu_share: float = 1.0,
+                    measure_h2d: bool = True) -> Plan:
+        """The plan of one worker of this space (its config), reading headers only; with task-vector
+        methods, also whether the task-vector cache has room for the deltas."""
+        from ..headers import model_tensors
+        from ..memplan import cache_room, make_plan, plan_device
+
+        base, experts = resolve_models(cfg.models)
+        tensors = model_tensors(base)
+        device, gpu_bytes = plan_device(cfg.device, cfg.memory)
+        plan = make_plan(tensors, method=cfg.method, labels=list(cfg.models.experts), resident_dtype=cfg.dtype,
+                         delta_dtype=cfg.delta_dtype, device=device, memory=cfg.memory, gpu_bytes=gpu_bytes,
+                         gpu_share=gpu_share, workers_per_node=workers_per_node, measure_h2d=measure_h2d)
+        entry = METHODS[cfg.method]
+        if plan.fits and entry.task_vectors:
+            root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root(None)
+            why = cache_room(root, task_vector_dir(cfg, base, experts), list(experts), tensors, cfg.delta_dtype,
+                             entry.by_magnitude)
+            if why:
+                plan = replace(plan, fits=False, why=why)
+        return plan
+
     # worker side ------------------------------------------------------------------------------
-    def open_runtime(self, device: str | None = None) -> "MergeRuntime":
-        if self.runtime is None:
-            self.runtime = MergeRuntime(self, device or self.cfg.device)
-        return self.runtime
+    def new_runtime(self, device: str):
+        from ..runtime import MergeRuntime
 
-    def materialize(self, recipe: dict):
-        return self.open_runtime().materialize(recipe)
-
-    def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
-        save_point(self, x, directory, info)
+        return MergeRuntime(self, device)
 
     def task_vector_dir(self) -> Path:
-        key = hashlib.sha256(f"deltas:{self.cfg.delta_dtype}".encode())
-        for p in [self.base_path, *self.expert_paths.values()]:
-            for f in sorted(p.glob("*.safetensors")):
-                st = f.stat()
-                key.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        root = Path(self.cfg.cache_dir or Path.home() / ".cache" / "evomerge" / "task_vectors")
-        return root / key.hexdigest()[:16]
+        return task_vector_dir(self.cfg, self.base_path, self.expert_paths)
 
     def delta_dtype(self, name: str):
         """The stored task vector's dtype: space.delta_dtype, or (auto) the base checkpoint's dtype of the tensor."""
-        import torch
+        from ..weights import torch_dtype
 
         if self.cfg.delta_dtype != "auto":
-            return getattr(torch, self.cfg.delta_dtype)
+            return torch_dtype(self.cfg.delta_dtype)
         return self.base.tensor(name).dtype
 
     def prepare(self) -> Path:
@@ -287,7 +238,7 @@ class HFMergeSpace(SearchSpace):
     def _prepare(self, out: Path) -> None:
         import torch
 
-        from ..files import write_safetensors
+        from ..files import save_safetensors, write_safetensors
         from ..kernels import MagnitudeTable
 
         names = [n for n in self.base.names() if self.base.tensor(n).is_floating_point()]
@@ -308,7 +259,7 @@ class HFMergeSpace(SearchSpace):
                 finally:
                     tmp.unlink(missing_ok=True)
             stats = out / f"{label}.magnitudes.safetensors"
-            if self.cfg.method in BAND_METHODS and not stats.exists():
+            if METHODS[self.cfg.method].by_magnitude and not stats.exists():
                 from ..weights import _mapped
 
                 deltas = _mapped(target)
@@ -325,167 +276,3 @@ def _group_order(g: str):
         head = g.split("/")[0][len("layers."):]
         return (1, int(head.split("-")[0]), g)
     return ({"embed": 0, "all": 0, "head": 3}.get(g, 2), 0, g)
-
-
-class ResidentModel:
-    """A worker's resident model, loaded once from `path` onto `device` (auto: cuda when there is
-    one); `targets` maps tensor names to its parameters and buffers (tied weights appear once),
-    into which each candidate is written in place."""
-
-    def __init__(self, path: Path, names: list[str], dtype: str, device: str):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        state = dict(self.model.named_parameters())
-        state.update(dict(self.model.named_buffers()))
-        self.targets = {n: state[n] for n in names if n in state}
-
-    def save(self, directory: Path) -> None:
-        save_pretrained(self.model, self.tokenizer, directory)
-
-
-def save_point(space, x: np.ndarray, directory: Path, info: dict) -> None:
-    """A recipe space's point x as a model directory, with recipe.json and info.json beside it."""
-    rt = space.open_runtime()
-    recipe = space.decode(x)
-    rt.materialize(recipe)
-    rt.save(directory)
-    (Path(directory) / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    (Path(directory) / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-def auto_compiled(device: str, method: str, params: int) -> bool:
-    """kernel: auto. On CPU a compile (~5-30 s once per worker) pays for itself on models of 10M+ parameters
-    (bench/merge_throughput.py, ~100M parameters, 3 experts: TIES 0.13 s compiled vs 4-5 s eager,
-    linear 0.10 s vs 0.13 s); tiny models merge eagerly."""
-    import shutil
-
-    if device == "cuda":
-        return True
-    return params >= 10_000_000 and shutil.which("g++") is not None
-
-
-class MergeRuntime(ResidentModel):
-    """A worker's resident model and the merge inputs, placed by the worker's memory plan (`inputs.py`).
-
-    A candidate is one pass over every merged tensor in slices (`kernels.py`): candidate-independent
-    statistics (magnitude tables, slerp's cosines) were computed once, so each slice is elementwise
-    arithmetic, compiled into one fused kernel (`space.kernel`) or run eagerly.
-    """
-
-    def __init__(self, space: HFMergeSpace, device: str):
-        import torch
-
-        from ..inputs import MergeInputs
-        from ..kernels import MagnitudeTable, Merger, slerp_stats, spec_for
-        from ..memplan import make_plan
-        from ..weights import _mapped
-
-        super().__init__(space.base_path, space.base.names(), space.cfg.dtype, device)
-        self.space = space
-        cfg = space.cfg
-        method, labels = cfg.method, space.labels
-        self.floats = [n for n, t in self.targets.items() if t.is_floating_point()]
-        tv_dir = space.prepare() if method not in ("linear", "slerp") else None
-        sources, kinds = {}, {}
-        for n in self.floats:
-            if method == "linear":
-                sources[n] = [space.experts[lbl].tensor(n) for lbl in labels]
-                kinds[n] = [("expert", lbl) for lbl in labels]
-            elif method == "slerp":
-                sources[n] = [space.base.tensor(n), space.experts[labels[0]].tensor(n)]
-                kinds[n] = [("base", "base"), ("expert", labels[0])]
-            else:
-                tvs = [_mapped(tv_dir / f"{lbl}.safetensors") for lbl in labels]
-                sources[n] = [space.base.tensor(n), *[tv[n] for tv in tvs]]
-                kinds[n] = [("base", "base"), *[("delta", lbl) for lbl in labels]]
-        self.sources = sources
-        gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        shapes = space.base.slices()
-        self.plan = make_plan(shapes, method=method, labels=labels, resident_dtype=str(self.model.dtype)[6:],
-                              delta_dtype=cfg.delta_dtype, device=self.device.type, memory=cfg.memory,
-                              gpu_bytes=gpu_bytes, gpu_share=getattr(space, "gpu_share", 1.0), measure_h2d=False)
-        if not self.plan.fits:
-            raise UserError(self.plan.why)
-        tiers = {n: [self.plan.tier(kind, label, n) for kind, label in kinds[n]] for n in self.floats}
-        self.inputs = MergeInputs(sources, tiers, self.device, cfg.memory.slice_mib << 20)
-        tables = {}
-        if method in BAND_METHODS:
-            stats = [_mapped(tv_dir / f"{lbl}.magnitudes.safetensors") for lbl in labels]
-            tables = {n: [MagnitudeTable.load(st, n, sources[n][0].numel()) for st in stats] for n in self.floats}
-        compiled = cfg.kernel == "compiled" or (cfg.kernel == "auto" and auto_compiled(
-            self.device.type, method, sum(t.numel() for t in self.targets.values())))
-        self.merger = Merger(spec_for(method, 1 if method == "slerp" else len(labels), cfg.normalize), self.device,
-                             tables, {n: slerp_stats(*sources[n]) for n in self.floats} if method == "slerp" else {},
-                             compiled)
-        if compiled:  # compile now (seconds to tens of seconds), not inside the first candidate's merge_s
-            self.materialize(space.decode(space.seeds()[0]))
-        self.last_transfer_s = None
-
-    def materialize(self, recipe: dict):
-        """Merge the recipe into the resident model's parameters, in place."""
-        groups = {n: recipe["groups"][self.space.tensor_group[n]] for n in self.floats}
-        outs = {n: self.targets[n].data.view(-1) for n in self.floats}  # targets may be re-pointed (tests)
-        self.merger.run(self.inputs, outs, groups, recipe.get("seed", 0))
-        self.last_transfer_s = self.inputs.transfer_s
-        return self.model
-
-    def weight_gradient(self, recipe: dict, loss_fn, materialized: bool = False) -> tuple[float, dict[str, list[float]]]:
-        """(loss, {group: d loss / d weight per expert}) at the recipe's merge, for the methods whose
-        merged tensor is linear in the weights (task_arithmetic, linear; normalized or not).
-        `materialized`: the resident model already holds this recipe's merge.
-
-        One backward pass through the resident model gives G = d loss / d W per tensor; the merged
-        W = c + sum_k w_k X_k (X = task vectors, or the experts for linear) so d loss / d w_k = <G, X_k>,
-        divided form (normalize): W = c + sum_k w_k X_k / sum_k w_k gives (<G, X_k> - <G, W - c>) / sum_k w_k.
-        """
-        import torch
-
-        method = recipe["method"]
-        if method not in GRADIENT_METHODS:
-            raise ValueError(f"weight gradients need method {' or '.join(GRADIENT_METHODS)}, not {method}")
-        normalize = recipe.get("normalize")
-        normalize = (method == "linear") if normalize is None else normalize
-        model = self.model if materialized else self.materialize(recipe)
-        params = [p for p in self.targets.values() if isinstance(p, torch.nn.Parameter)]
-        flags = [p.requires_grad for p in params]
-        try:
-            for p in params:
-                p.requires_grad_(True)
-                p.grad = None
-            with torch.enable_grad():
-                loss = loss_fn(model)
-                loss.backward()
-            out = {g: [0.0] * len(recipe["experts"]) for g in recipe["groups"]}
-            with torch.no_grad():
-                for name, p in self.targets.items():
-                    if getattr(p, "grad", None) is None:
-                        continue
-                    g = self.space.tensor_group[name]
-                    grad = p.grad.float().reshape(-1)
-                    xs = self.sources[name] if method == "linear" else self.sources[name][1:]
-                    dots = [float(torch.dot(grad, x.float().reshape(-1).to(grad.device))) for x in xs]
-                    if normalize:
-                        w = recipe["groups"][g]["weight"]
-                        total = float(sum(w))
-                        merged = p.float().reshape(-1)
-                        if method != "linear":
-                            merged = merged - self.sources[name][0].float().reshape(-1).to(grad.device)
-                        gm = float(torch.dot(grad, merged))
-                        dots = [(d - gm) / total if total else 0.0 for d in dots]
-                    for k, d in enumerate(dots):
-                        out[g][k] += d
-            return float(loss.detach()), out
-        finally:
-            for p, f in zip(params, flags):
-                p.grad = None
-                p.requires_grad_(f)

@@ -14,7 +14,6 @@ each candidate into its parameters in place, reading the seeds memory-mapped.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -23,9 +22,9 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import UserError
-from .hf_merge import Models, ResidentModel, resolve_model, save_point
+from ..runtime import ResidentModel
 from ..schema import Frozen
-from .base import SearchSpace
+from .merge_types import CheckpointSpace, Models, cache_root, files_key
 
 
 class HFMixtureSpaceConfig(Frozen):
@@ -42,17 +41,14 @@ class HFMixtureSpaceConfig(Frozen):
                                                     "(default ~/.cache/evomerge/task_vectors)")
 
 
-class HFMixtureSpace(SearchSpace):
+class HFMixtureSpace(CheckpointSpace):
     def __init__(self, cfg: HFMixtureSpaceConfig, seed: int):
-        from ..weights import Checkpoint, check_compatible, is_float_dtype, open_expert
+        from ..weights import is_float_dtype
 
         self.cfg = cfg
         self.seed = seed
-        self.base_path = resolve_model(cfg.models.base, "base")
-        self.expert_paths = {k: resolve_model(v, f"experts.{k}") for k, v in cfg.models.experts.items()}
-        self.base = Checkpoint.open(self.base_path)
-        experts = {k: open_expert(p, self.base) for k, p in self.expert_paths.items()}
-        check_compatible(self.base, experts)
+        self.open_models(cfg.models)
+        experts = self.experts
         self.labels = (["base"] if cfg.include_base else []) + list(experts)
         if cfg.include_base and "base" in experts:
             raise UserError("space.models.experts.base: the label 'base' is taken by include_base: true")
@@ -95,9 +91,6 @@ class HFMixtureSpace(SearchSpace):
                 segments.append([name, chunk, [round(float(v), 7) for v in row]])
         return {"method": "mixture", "models": self.labels, "chunk_size": self.cfg.chunk_size, "segments": segments}
 
-    def recipe(self, x: np.ndarray) -> dict:
-        return self.decode(x)
-
     def cell_coefficients(self, recipe: dict) -> np.ndarray:
         """(cells, S) coefficients of a recipe (the inverse of decode)."""
         if recipe.get("method") != "mixture" or recipe.get("models") != self.labels:
@@ -117,13 +110,9 @@ class HFMixtureSpace(SearchSpace):
 
     # once per run: the seeds' Gram matrices per cell ----------------------------------------------
     def gram_path(self) -> Path:
-        key = hashlib.sha256(f"gram:{self.cfg.chunk_size}:{self.labels}".encode())
-        for ck in self.seed_models.values():
-            for f in ck.source_files():
-                st = f.stat()
-                key.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        root = Path(self.cfg.cache_dir or Path.home() / ".cache" / "evomerge" / "task_vectors")
-        return root / f"gram-{key.hexdigest()[:16]}.npy"
+        files = [f for ck in self.seed_models.values() for f in ck.source_files()]
+        key = files_key(f"gram:{self.cfg.chunk_size}:{self.labels}", files)
+        return cache_root(self.cfg.cache_dir) / f"gram-{key}.npy"
 
     def prepare(self) -> Path:
         """Compute (or load) <seed_i, seed_j> per cell in float64, streaming one tensor at a time."""
@@ -155,13 +144,8 @@ class HFMixtureSpace(SearchSpace):
         return path
 
     # worker side ------------------------------------------------------------------------------
-    def open_runtime(self, device: str | None = None) -> "MixtureRuntime":
-        if self.runtime is None:
-            self.runtime = MixtureRuntime(self, device or self.cfg.device)
-        return self.runtime
-
-    def save(self, x: np.ndarray, directory: Path, info: dict) -> None:
-        save_point(self, x, directory, info)
+    def new_runtime(self, device: str) -> "MixtureRuntime":
+        return MixtureRuntime(self, device)
 
     def mergekit_config(self, recipe: dict) -> dict:
         """One coefficient per tensor and seed is mergekit's `linear` without normalization."""
