@@ -31,7 +31,9 @@ def crossover(x: np.ndarray, y: np.ndarray, w: float, split: int, cos_omega: flo
 
 
 class M2N2(NaturalNiches):
-    """The dense form: `archive` holds each member's vector (zeros in an empty slot), and the
+    """M2N2: model merging with natural niches (Competition and Attraction Improve Model Fusion).
+
+    The dense form: `archive` holds each member's vector (zeros in an empty slot), and the
     members' sum and summed squared norm, so that stats() costs O(dim)."""
 
     @classmethod
