@@ -158,10 +158,9 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
           f"budget: {cfg.budget.max_evals or '-'} evaluations / {cfg.budget.max_seconds or '-'} s")
     if not full:
         print("(--verbose: every coordinate and the whole recipe)")
-    if cfg.space.name == "hf_merge":
-        from .memplan import plan_for_space
-
-        for line in plan_for_space(cfg.space, _workers_per_node(cfg), gpu_share=cfg.engine.gpu_share()).lines():
+    plan = _memory_plan(cfg)
+    if plan is not None:
+        for line in plan.lines():
             print(line)
     return 0
 
@@ -171,15 +170,20 @@ def _workers_per_node(cfg) -> int:
     return cfg.engine.workers if cfg.engine.address == "local" else 1
 
 
-def _check_memory(cfg) -> None:
-    """Refuse, before the run directory and Ray, a merge space whose worker's memory plan does not fit (from
-    headers and configs: no weights are loaded, nothing is allocated on a GPU, the bandwidth is not measured)."""
-    if cfg.space.name == "hf_merge":
-        from .memplan import plan_for_space
+def _memory_plan(cfg, measure_h2d: bool = True):
+    """A worker's memory plan for the run's space (None: the space has none)."""
+    from .spaces import SPACES
 
-        plan = plan_for_space(cfg.space, _workers_per_node(cfg), measure_h2d=False, gpu_share=cfg.engine.gpu_share())
-        if not plan.fits:
-            raise UserError(plan.why)
+    return SPACES[cfg.space.name][1].memory_plan(cfg.space, _workers_per_node(cfg), gpu_share=cfg.engine.gpu_share(),
+                                                 measure_h2d=measure_h2d)
+
+
+def _check_memory(cfg) -> None:
+    """Refuse, before the run directory and Ray, a space whose worker's memory plan does not fit (from
+    headers and configs: no weights are loaded, nothing is allocated on a GPU, the bandwidth is not measured)."""
+    plan = _memory_plan(cfg, measure_h2d=False)
+    if plan is not None and not plan.fits:
+        raise UserError(plan.why)
 
 
 def default_out(config: str) -> Path:
@@ -218,7 +222,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.resume:
             cfg = validate(apply_sets(read_yaml(run.config_file), args.set))
             _check_memory(cfg)
-        summary = _search(args, cfg, run, t_start)
+        from .engine import search  # torch, Ray: only once the config and the run directory are known good
+
+        summary = search(cfg, run, resume=bool(args.resume), config_changed=bool(args.resume and args.set),
+                         progress=not args.no_progress, t_start=t_start, on_start=_stop_on_signals)
     finally:
         run.close()
 
@@ -262,76 +269,6 @@ def _report_end(summary: dict, cfg, out: Path) -> int:
               f"fix the fitness, then: {resume}", file=sys.stderr)
         return 1
     return 0
-
-
-def _search(args, cfg, run, t_start: float) -> dict:
-    """Preflight checks, then Ray, the workers and the search loop; returns the summary."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from evomerge.populations import STRATEGIES, SpaceInfo, build_strategy
-
-    from .engine.cluster import RayCluster
-    from .config import to_yaml
-    from .engine import Engine
-    from .spaces import build_space
-
-    _check_fitness(cfg)  # its data first: cheaper than the space (torch, models)
-    space = build_space(cfg.space, cfg.seed)
-    STRATEGIES[cfg.strategy.name][1].preflight(cfg.strategy, space.dim)
-    _preflight(cfg, space)
-    engine = Engine(cfg, space, progress=not args.no_progress)
-    # Ray starts while the seeds (e.g. trained experts) and the task vectors are made in a thread;
-    # the workers start once the task vectors are on disk, to map rather than recompute them.
-    with ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(space.prepare)
-        seeds = pool.submit(space.seeds)
-        with RayCluster(cfg.engine):
-            prepared.result()
-            engine.launch_workers(run.checkpoint["engine"].get("fitness_shared") if args.resume else None)
-            layout = getattr(space, "layout", None)
-            info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower,
-                             upper=space.upper, random_seeds=space.random_seeds,
-                             layout=tuple(layout) if layout is not None else None,
-                             gram=getattr(space, "gram", None))
-            engine.strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=engine.window,
-                                             max_evals=cfg.budget.max_evals)
-            if args.resume:
-                replayed = engine.restore(run)
-                print(f"resuming {run.path}: {engine.counts['told']} evaluations done "
-                      f"({replayed} journal entries replayed)", file=sys.stderr)
-                if args.set:
-                    run.write_config(to_yaml(cfg))
-            engine.wait_workers()
-            if not run.started:
-                run.start(to_yaml(cfg))
-            with _stop_on_signals(engine):
-                summary = engine.run(run)
-            summary["total_seconds"] = round(time.perf_counter() - t_start, 3)
-            run.write_summary(summary)
-    return summary
-
-
-def _check_fitness(cfg) -> None:
-    """The fitness's own checks, before anything starts (e.g. its task files, its API key and server)."""
-    from evomerge.fitness import FITNESSES
-
-    check = getattr(FITNESSES[cfg.fitness.name][1], "check", None)
-    if check is not None:
-        check(cfg.fitness)
-
-
-def _preflight(cfg, space) -> None:
-    """Refuse before anything starts what the strategy needs the workers to compute and they cannot."""
-    from evomerge.fitness import FITNESSES
-    from evomerge.populations import STRATEGIES
-
-    if "weight_gradient" in STRATEGIES[cfg.strategy.name][1].worker_extras(cfg.strategy):
-        if not hasattr(space, "check_weight_gradient"):
-            raise UserError(f"space.name: {cfg.space.name}: gradient oracles need a merge space (hf_merge)")
-        space.check_weight_gradient()
-        if not hasattr(FITNESSES[cfg.fitness.name][1], "loss_model"):
-            raise UserError(f"fitness.name: {cfg.fitness.name} has no differentiable loss; use a black-box "
-                            "oracle (strategy.oracle: black_box) or a differentiable fitness (lm_tasks)")
 
 
 class _stop_on_signals:

@@ -66,9 +66,8 @@ def test_refused_in_one_line_by_the_real_command(case_id, shared, tmp_path):
 @pytest.mark.parametrize("flavor", ["lm_tasks", "api", "lm_eval"])
 def test_the_same_configs_over_good_files_pass_the_checks(flavor, shared, tmp_path, monkeypatch):
     from bad_input_cases import CONTROLS
-    from evomerge.cli import _check_fitness, _preflight
     from evomerge.config import load_config
-    from evomerge.spaces import build_space
+    from evomerge.engine import preflight
     from evomerge.fitness import api
 
     case = CONTROLS[flavor]
@@ -77,6 +76,5 @@ def test_the_same_configs_over_good_files_pass_the_checks(flavor, shared, tmp_pa
     monkeypatch.setattr(api, "_check_reachable", lambda cfg: reached.append(cfg))  # no server here
     argv = Env(shared, tmp_path).argv(case)
     cfg = load_config(argv[argv.index("--config") + 1])
-    _check_fitness(cfg)
-    _preflight(cfg, build_space(cfg.space, cfg.seed))
+    preflight(cfg)
     assert len(reached) == (flavor == "api")

@@ -137,16 +137,15 @@ def test_non_finite_numbers_are_written_as_null_with_the_reason(tmp_path):
 
 def test_a_run_with_nan_scores_logs_valid_json_and_reports_it(tmp_path):
     from evomerge.pareto import front_of_run
-    from evomerge.report import read_run
+    from evomerge.report.read import read_run
+
+    from evomerge.config import validate
+    from test_engine_local import new_run
 
     cfg = yaml.safe_load(config(tmp_path, 120).read_text())
     cfg["fitness"].update(nan_rate=0.3, n_tasks=2)
-    path = tmp_path / "nan.yaml"
-    path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "run.py", "--config", str(path), "--out", str(out), "--no-progress"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    new_run(out, validate(cfg))  # the in-process pool: what the engine writes, without Ray
     records = [strict_json(line) for line in (out / "evals.jsonl").read_text().splitlines()]
     assert len(records) == 120 and any(rec.get("failed") for rec in records)
     strict_json((out / "summary.json").read_text())
@@ -170,20 +169,18 @@ def test_a_run_in_which_every_evaluation_failed_exits_non_zero(tmp_path):
 def test_a_user_error_raised_in_a_starting_worker_stays_one_line(tmp_path):
     """What the driver cannot check (here: a task file gone by the time the workers start) still comes
     out as the worker's own one-line UserError, not Ray's ActorDiedError text or a traceback."""
-    from evomerge.engine.cluster import RayCluster
     from evomerge.config import validate
-    from evomerge.engine import Engine
+    from evomerge.engine import RayPool
     from evomerge.errors import UserError
-    from evomerge.spaces import build_space
 
     cfg = validate({"space": {"name": "api_weights", "models": ["a"]}, "strategy": {"name": "random"},
                     "fitness": {"name": "api", "base_url": "http://127.0.0.1:9/v1",
                                 "tasks": [{"name": "t", "path": str(tmp_path / "gone.jsonl"), "kind": "generate"}]},
                     "engine": {"workers": 1, "cpus_per_worker": 0.5}})
-    engine = Engine(cfg, build_space(cfg.space, cfg.seed), progress=False)
-    with RayCluster(cfg.engine):
-        engine.launch_workers()
+    pool = RayPool(cfg)
+    with pool.session():
+        pool.launch()
         with pytest.raises(UserError) as err:
-            engine.wait_workers()
+            pool.wait_ready()
     assert type(err.value) is UserError
     assert str(err.value) == f"fitness.tasks[0].path: {tmp_path / 'gone.jsonl'}: no such JSONL file"

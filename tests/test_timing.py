@@ -9,13 +9,13 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
-from conftest import run_cli
+from test_engine_local import new_run, resume
 
 from evomerge.cli import main
-from evomerge.config import RunConfig
-from evomerge.engine import TIMING_KEYS, Engine
-from evomerge.report import read_run, time_split
+from evomerge.config import RunConfig, validate
+from evomerge.engine import TIMING_KEYS, Ledger
+from evomerge.report.plots_workers import time_split
+from evomerge.report.read import read_run
 from evomerge.engine.worker import FitnessWorker
 
 SYNTHETIC = {"seed": 2, "space": {"name": "synthetic", "dim": 4},
@@ -60,6 +60,7 @@ class FakeRuntime:
     """A resident model that reports what its last materialize streamed (None: nothing)."""
 
     tokenizer = "tok"
+    last_transfer_s = None  # declared, as by evomerge.runtime's runtimes ("absent": materialize never sets it)
 
     def __init__(self, transfer):
         self.transfer = transfer
@@ -79,6 +80,9 @@ class FakeRuntime:
 
 
 class FakeModelFitness:
+    def __init__(self, input: str):
+        self.input = input  # what the worker dispatches on
+
     def evaluate_model(self, model, tokenizer):
         return float(model["x"].sum()), np.ones(2), {"m": 1.0}
 
@@ -92,7 +96,7 @@ class FakeModelFitness:
 @pytest.mark.parametrize("transfer", [0.001, None, "absent"])
 def test_a_model_fitness_times_the_merge_its_transfers_and_the_scoring(transfer):
     w = worker()
-    w.model_based, w.fitness, w.runtime = True, FakeModelFitness(), FakeRuntime(transfer)
+    w.fitness, w.runtime = FakeModelFitness("model"), FakeRuntime(transfer)
     w.extras = ("weight_gradient",)  # counted in score_s
     w.space.decode = lambda x: {"x": x, "experts": ["a"]}
     xs = np.array([[0.1, 0.2], [0.95, 0.0], [0.3, 0.3]], np.float32)
@@ -107,24 +111,24 @@ def test_a_model_fitness_times_the_merge_its_transfers_and_the_scoring(transfer)
 
 def test_a_recipe_fitness_times_only_the_scoring():
     w = worker()
-    w.recipe_based, w.fitness = True, FakeModelFitness()
+    w.fitness = FakeModelFitness("recipe")
     out = w.evaluate(np.zeros((2, 4), np.float32))
     assert [set(t) for t in out["timing"]] == [{"score_s"}] * 2 and all(timed(t) for t in out["timing"])
 
 
 def test_the_engine_state_keeps_the_sums_and_reads_checkpoints_without_them():
     cfg = config()
-    e = Engine(cfg, space=None, progress=False)
-    assert e.time_per_candidate() == {}  # nothing measured: summary.json says nothing
-    e.timing = {"merge_s": [3.0, 3], "transfer_s": [0.5, 2], "score_s": [6.0, 3]}
-    assert e.time_per_candidate() == {"candidates": 3, "merge_s": 1.0, "transfer_s": 0.25, "transfer_s_candidates": 2,
-                                      "score_s": 2.0}
-    state = e.state_dict()
-    fresh = Engine(cfg, space=None, progress=False)
+    ledger = Ledger(cfg.engine, [])
+    assert ledger.time_per_candidate() == {}  # nothing measured: summary.json says nothing
+    ledger.timing = {"merge_s": [3.0, 3], "transfer_s": [0.5, 2], "score_s": [6.0, 3]}
+    assert ledger.time_per_candidate() == {"candidates": 3, "merge_s": 1.0, "transfer_s": 0.25,
+                                           "transfer_s_candidates": 2, "score_s": 2.0}
+    state = ledger.state_dict()
+    fresh = Ledger(cfg.engine, [])
     fresh.load_state_dict(pickle.loads(pickle.dumps(state)))
-    assert fresh.time_per_candidate() == e.time_per_candidate()
+    assert fresh.time_per_candidate() == ledger.time_per_candidate()
     del state["timing"]  # a checkpoint of an older version
-    old = Engine(cfg, space=None, progress=False)
+    old = Ledger(cfg.engine, [])
     old.load_state_dict(state)
     assert old.time_per_candidate() == {}
 
@@ -148,10 +152,8 @@ def resumed(tmp_path_factory):
            "fitness": {"name": "synthetic", "fail_rate": 0.3, "n_examples": 8},
            "engine": {"workers": 2, "batch_size": 2, "cpus_per_worker": 0.5, "max_retries": 0},
            "budget": {"max_evals": 16}}
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp / "run"
-    r = run_cli("--config", str(tmp / "cfg.yaml"), "--out", str(out), "--no-progress")
-    assert r.returncode == 0, r.stderr
+    new_run(out, validate(cfg))  # the in-process pool: the engine's accounting, without Ray
     first = records(out)
     assert len(first) == 16 and any("score_s" in e for e in first)
     (out / "evals.jsonl").write_text("".join(json.dumps(strip(e)) + "\n" for e in first))
@@ -161,8 +163,7 @@ def resumed(tmp_path_factory):
     del eng["timing"]
     eng["cache"] = [(k, strip(rec), s) for k, rec, s in eng["cache"]]
     (out / "checkpoint.pkl").write_bytes(pickle.dumps(ckpt))
-    r = run_cli("--resume", str(out), "--set", "budget.max_evals=60", "--no-progress")
-    assert r.returncode == 0, r.stderr
+    resume(out, "budget.max_evals=60")
     return out
 
 
