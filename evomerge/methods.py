@@ -87,7 +87,9 @@ METHODS = {m.name: m for m in (
            "spherical interpolation between the base and one expert at t, tensor by tensor"),
 )}
 
-GRADIENT_METHODS = tuple(name for name, m in METHODS.items() if m.linear_in_weights)
+# the methods gradient oracles can differentiate, task-vector methods first (as the messages name them)
+GRADIENT_METHODS = tuple(sorted((name for name, m in METHODS.items() if m.linear_in_weights),
+                                key=lambda name: not METHODS[name].task_vectors))
 
 
 def method(name: str) -> Method:
