@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.config import RunConfig  # noqa: E402
-from evomerge.demos.tinylm import write_lm_eval_tasks  # noqa: E402
+from evomerge.demos.tasks import write_lm_eval_tasks  # noqa: E402
 from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
 

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.demos.tinylm import build_tokenizer, write_lm_eval_tasks
+from evomerge.demos.tasks import write_lm_eval_tasks
+from evomerge.demos.training import build_tokenizer
 from evomerge.fitness import FITNESSES
 from evomerge.fitness.lm_eval import LMEvalFitness, LMEvalFitnessConfig
 from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig

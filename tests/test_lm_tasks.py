@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.errors import UserError
-from evomerge.demos.tinylm import build_tokenizer
+from evomerge.demos.training import build_tokenizer
 from evomerge.fitness import FITNESSES
 from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from evomerge.errors import UserError
-from evomerge.demos.tinylm import build_family, build_tokenizer, zoo_main
+from evomerge.demos.tinylm import build_family, zoo_main
+from evomerge.demos.training import build_tokenizer
 from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
 SKILLS = ["upper", "copy"]
