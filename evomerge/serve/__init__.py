@@ -109,7 +109,8 @@ def bind_socket(host: str, port: int):
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as e:
-        raise UserError(f"--host {host}: not a host name or address ({getattr(e, 'strerror', None) or e})") from None
+        why = (e.strerror if isinstance(e, OSError) else None) or e
+        raise UserError(f"--host {host}: not a host name or address ({why})") from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait

@@ -173,7 +173,7 @@ class ModelHost:
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         tok = self.rt.tokenizer
         msgs = [m.model_dump() for m in messages]
-        if getattr(tok, "chat_template", None):
+        if tok.chat_template:
             with self.tok_lock:
                 ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, Mapping):  # newer transformers: a BatchEncoding
@@ -185,11 +185,9 @@ class ModelHost:
 
 def context_length(model) -> int | None:
     """The longest sequence the model takes, from its config (None: no limit is known)."""
-    cfg = model.config
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    fields = model.config.get_text_config().to_dict()
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        v = getattr(cfg, key, None)
+        v = fields.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
