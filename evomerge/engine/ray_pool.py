@@ -14,6 +14,11 @@ class RayPool(WorkerPool):
     """The workers as Ray actors (one CPU/GPU share each, max_concurrency=1, never restarted by Ray:
     the pool replaces them), in the cluster `session()` joins or starts."""
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.remote = None  # ray.remote(FitnessWorker) with the workers' resources (set by launch)
+        self.actors: list = [None] * self.size
+
     def session(self) -> AbstractContextManager:
         from .cluster import RayCluster
 
@@ -30,14 +35,13 @@ class RayPool(WorkerPool):
             print("warning: engine.gpus_per_worker is set but Ray sees no GPU: the workers run on CPU",
                   file=sys.stderr)
             gpus = 0
-        self._remote = ray.remote(FitnessWorker).options(num_cpus=e.cpus_per_worker, num_gpus=gpus,
-                                                         max_concurrency=1, max_restarts=0)
-        self.actors: list = [None] * self.size
+        self.remote = ray.remote(FitnessWorker).options(num_cpus=e.cpus_per_worker, num_gpus=gpus,
+                                                        max_concurrency=1, max_restarts=0)
         super().launch(shared)
 
     def _spawn(self, index: int) -> None:
         args, kwargs = self.worker_args(index)
-        self.actors[index] = self._remote.remote(*args, **kwargs)
+        self.actors[index] = self.remote.remote(*args, **kwargs)
 
     def _kill(self, index: int) -> None:
         import ray
