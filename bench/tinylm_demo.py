@@ -27,7 +27,7 @@ from evomerge.config import load_config  # noqa: E402
 from evomerge.rundir import CONFIG, find_recipe  # noqa: E402
 from evomerge.engine.worker import FitnessWorker  # noqa: E402
 
-CONFIG = "configs/tinylm_ties_cmaes.yaml"
+DEMO_CONFIG = "configs/tinylm_ties_cmaes.yaml"
 
 
 def uniform_recipe(space, method: str, **params) -> dict:
@@ -43,7 +43,7 @@ def main() -> None:
 
     run = Path(args.run) if args.run else Path(tempfile.mkdtemp(prefix="tinylm-demo-")) / "run"
     if not args.run:
-        subprocess.run([sys.executable, "run.py", "--config", CONFIG, "--out", str(run), "--no-progress"],
+        subprocess.run([sys.executable, "run.py", "--config", DEMO_CONFIG, "--out", str(run), "--no-progress"],
                        cwd=ROOT, check=True)
     cfg = load_config(run / CONFIG)
     worker = FitnessWorker(0, cfg.space, cfg.fitness, cfg.seed, threads=2)

@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             return serve_main(argv[1:])
         if argv[:1] == ["zoo"]:
             from .demos.tinylm import zoo_main
+            from .fitness.lm_tasks import accuracy_scorer
 
-            return zoo_main(argv[1:])
+            return zoo_main(argv[1:], scorer=accuracy_scorer)
         if argv[:1] == ["report"]:
             from .report import report_main
 

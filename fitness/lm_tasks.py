@@ -357,3 +357,20 @@ class LMTasksFitness(Fitness):
             correct[j] = int(np.argmax(ll[k:k + len(ch)])) == s.answers[j]
             k += len(ch)
         return correct
+
+
+def accuracy_scorer(tasks: dict[str, str], batch_size: int = 64):
+    """score(model, tokenizer) -> {task: {"train": accuracy, "test": accuracy}} on task files {name: path} (a name
+    ending in '_mc' is a choice task, else generate): how the tiny-LM zoo reports its family (family.json)."""
+    fitness = LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", batch_size=batch_size, tasks=[
+        {"name": t, "path": p, "kind": "choice" if t.endswith("_mc") else "generate"} for t, p in tasks.items()]))
+
+    def score(model, tokenizer) -> dict:
+        _, _, train = fitness.evaluate_model(model, tokenizer)
+        test = fitness.holdout_model(model, tokenizer)
+        return {name[:-len("_accuracy")]: {"train": train[name],
+                                           "test": test[f"{name[:-len('_accuracy')]}_test_accuracy"]}
+                for name in train}
+
+    return score
+

@@ -10,14 +10,15 @@ import torch
 from evomerge.errors import UserError
 from evomerge.demos.tinylm import build_family, zoo_main
 from evomerge.demos.training import build_tokenizer
-from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
+from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig, accuracy_scorer
 
 SKILLS = ["upper", "copy"]
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("zoo") / "tiny", seed=0, size="tiny", skills=SKILLS)
+    return build_family(tmp_path_factory.mktemp("zoo") / "tiny", seed=0, size="tiny", skills=SKILLS,
+                        scorer=accuracy_scorer)
 
 
 def test_layout_and_offline_loading(family):

@@ -79,16 +79,8 @@ SIZES = {
 
 # the family ------------------------------------------------------------------------------------
 
-def _score(model, tokenizer, fitness) -> dict:
-    """{task: {"train": accuracy, "test": accuracy}} of one model."""
-    _, _, fit = fitness.evaluate_model(model, tokenizer)
-    test = fitness.holdout_model(model, tokenizer)
-    return {name[:-len("_accuracy")]: {"train": fit[name], "test": test[f"{name[:-len('_accuracy')]}_test_accuracy"]}
-            for name in fit}
-
-
 def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str] | None = None,
-                 unrelated: int = 0, threads: int = 1, progress=None) -> dict:
+                 unrelated: int = 0, threads: int = 1, progress=None, scorer=None) -> dict:
     """Build (and overwrite) a base, one expert per skill and `unrelated` unrelated experts under `out`.
 
     Trains with `threads` torch threads (restored afterwards): one thread is bitwise reproducible
@@ -98,6 +90,9 @@ def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str
     "accuracy": {model: {task: {"train": acc, "test": acc}}}, "seconds"}; also written to
     out/family.json. Tasks are '<skill>' (generate) and '<skill>_mc' (choice) for every skill.
     progress: a callable taking one line (what is being trained, k of n, rough time left), or None.
+    scorer: what measures the accuracies, `scorer(tasks) -> score(model, tokenizer) -> {task: {"train", "test"}}`
+    (the `zoo` command passes evomerge.fitness.lm_tasks.accuracy_scorer; the demos sit below the fitnesses and
+    do not import them); None: no scoring, "accuracy" is None.
     """
     import torch
 
@@ -107,18 +102,16 @@ def build_family(out: Path, seed: int = 0, size: str = "small", skills: list[str
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _build(Path(out), seed, size, skills, unrelated, t0, progress)
+        return _build(Path(out), seed, size, skills, unrelated, t0, progress, scorer)
     finally:
         torch.set_num_threads(before)
 
 
 def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated: int, t0: float,
-           say=None) -> dict:
+           say=None, scorer=None) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from evomerge.fitness.lm_tasks import LMTasksFitness, LMTasksFitnessConfig
 
     hf_logging.disable_progress_bar()
     if size not in SIZES:
@@ -196,18 +189,18 @@ def _build(out: Path, seed: int, size: str, skills: list[str] | None, unrelated:
         experts[name] = str(out / "experts" / name)
 
     # accuracies of every model on every task (train and test splits)
-    fcfg = LMTasksFitnessConfig(name="lm_tasks", batch_size=64, tasks=[
-        {"name": t, "path": p, "kind": "choice" if t.endswith("_mc") else "generate"} for t, p in tasks.items()])
-    fitness = LMTasksFitness(fcfg)
-    if say is not None:
-        say(f"zoo: scoring {n_models} models on {len(tasks)} tasks ({duration(time.perf_counter() - t0)} so far)")
-    accuracy = {}
-    for name, path in [("base", out / "base"), *experts.items()]:
-        if name == "base":
-            model.load_state_dict(base_state)
-        else:
-            model = LlamaForCausalLM.from_pretrained(path)
-        accuracy[name] = _score(model, tokenizer, fitness)
+    accuracy = None
+    if scorer is not None:
+        score = scorer(tasks)
+        if say is not None:
+            say(f"zoo: scoring {n_models} models on {len(tasks)} tasks ({duration(time.perf_counter() - t0)} so far)")
+        accuracy = {}
+        for name, path in [("base", out / "base"), *experts.items()]:
+            if name == "base":
+                model.load_state_dict(base_state)
+            else:
+                model = LlamaForCausalLM.from_pretrained(path)
+            accuracy[name] = score(model, tokenizer)
 
     result = {"out": str(out), "seed": seed, "size": size, "skills": skills, "base": str(out / "base"),
               "experts": experts, "unrelated_trained_on": unrelated_on, "tasks": tasks,
@@ -229,8 +222,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def zoo_main(argv: list[str]) -> int:
-    """`run.py zoo tinylm --out DIR [--size small|tiny] [--seed 0] [--skills a,b] [--unrelated K]`."""
+def zoo_main(argv: list[str], scorer=None) -> int:
+    """`run.py zoo tinylm --out DIR [--size small|tiny] [--seed 0] [--skills a,b] [--unrelated K]`; `scorer` as
+    build_family's (the command passes the lm_tasks fitness's)."""
     from ..command import prog
 
     ap = argparse.ArgumentParser(
@@ -259,8 +253,10 @@ def zoo_main(argv: list[str]) -> int:
         raise UserError(f"--out {out}: not empty (pass --force to overwrite)")
     skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
     result = build_family(out, seed=args.seed, size=args.size, skills=skills, unrelated=args.unrelated,
-                          threads=args.threads, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(result))
+                          threads=args.threads, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                          scorer=scorer)
+    if result["accuracy"] is not None:
+        print(format_table(result))
     print(f"built {len(result['experts'])} experts and a base in {result['seconds']:.1f}s under {out} "
           f"(details: {out / 'family.json'})")
     return 0
