@@ -207,7 +207,7 @@ class FrankWolfe(Strategy):
         return self.t >= self.cfg.steps and not self.anchor_pending and not self.step_cands
 
     def state_dict(self) -> dict:
-        return {"theta": self.theta.copy(), "t": self.t, "step_cands": [(l, x.copy()) for l, x in self.step_cands],
+        return {"theta": self.theta.copy(), "t": self.t, "step_cands": [(lbl, x.copy()) for lbl, x in self.step_cands],
                 "step_fit": list(self.step_fit), "sent": self.sent, "history": list(self.history),
                 "anchor_pending": self.anchor_pending, "gamma": self.gamma,
                 "finished": self.finished}
@@ -215,7 +215,7 @@ class FrankWolfe(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.theta = np.array(state["theta"])
         self.t = state["t"]
-        self.step_cands = [(l, np.array(x)) for l, x in state["step_cands"]]
+        self.step_cands = [(lbl, np.array(x)) for lbl, x in state["step_cands"]]
         self.step_fit = list(state["step_fit"])
         self.sent = state["sent"]
         self.history = list(state["history"])
