@@ -154,7 +154,8 @@ def main() -> int:
     print(f"modules over 400 lines: {len(out['modules_over_400'])}; "
           f"classes over 250 lines: {len(out['classes_over_250'])}")
     print(f"import cycles (modules): {len(cycles)}" + "".join(f"\n  {' <-> '.join(c)}" for c in cycles))
-    print(f"import cycles (units under evomerge): {len(pkg_cycles)}" + "".join(f"\n  {' <-> '.join(c)}" for c in pkg_cycles))
+    print(f"import cycles (units under evomerge): {len(pkg_cycles)}"
+          + "".join(f"\n  {' <-> '.join(c)}" for c in pkg_cycles))
     print(f'grep -c "hasattr\\|getattr(" lines: {out["hasattr_getattr_lines"]}')
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

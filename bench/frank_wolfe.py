@@ -9,8 +9,9 @@ Pools: the three skill experts of the tiny-LM family (relevant), and the same pl
 fine-tuned on skills outside the family (irrelevant). For each pool, a task-wise Frank-Wolfe
 search (`--oracle`: black-box, one evaluation per pool model and step, or gradient, one evaluation
 and backward pass per step; `python run.py --config ...` on Ray workers) over task-arithmetic
-weights in [0, 1] (tasks scored by greedy exact match or by choice, `--kind`), and task arithmetic with one weight for every expert: 1.0, and the best of
-0.2 ... 1.0 on the search split. Quality: mean held-out accuracy over the three tasks.
+weights in [0, 1] (tasks scored by greedy exact match or by choice, `--kind`), and task arithmetic
+with one weight for every expert: 1.0, and the best of 0.2 ... 1.0 on the search split.
+Quality: mean held-out accuracy over the three tasks.
 Target: Frank-Wolfe's quality with 16 irrelevant experts within 2 points of the relevant pool's.
 Results: bench/results/frank_wolfe.json.
 """
@@ -82,7 +83,8 @@ def main() -> None:
                       "groups": {g: {"weight": [lam] * len(space.labels)} for g in space.groups}}
             model = rt.materialize(recipe)
             _, _, train = fit.evaluate_model(model, rt.tokenizer)
-            return {"train": quality(train, skills, "train"), "test": quality(fit.holdout_model(model, rt.tokenizer), skills, "test")}
+            return {"train": quality(train, skills, "train"),
+                    "test": quality(fit.holdout_model(model, rt.tokenizer), skills, "test")}
 
         grid = {lam: ta(lam) for lam in (0.2, 0.4, 0.6, 0.8, 1.0)}
         tuned = max(grid, key=lambda lam: grid[lam]["train"])

@@ -60,7 +60,8 @@ def main() -> None:
             "total_s": round(t_clone + t_setup + t_demo, 1),
             "evaluations": summary["evaluations"], "search_s": summary["search_seconds"],
             "best_fitness": summary["best"]["fitness"], "holdout": summary["best"]["holdout"],
-            "demo_stdout_tail": [line for line in demo.stdout.splitlines() if re.match(r"(best|stopped|run dir)", line)],
+            "demo_stdout_tail": [line for line in demo.stdout.splitlines()
+                                 if re.match(r"(best|stopped|run dir)", line)],
         }
     finally:
         if not args.keep:

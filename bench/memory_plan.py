@@ -128,7 +128,8 @@ def dry_run_on_sparse_checkpoints(out_path) -> None:
         experts = ", ".join(f"e{i}: {root / f'e{i}'}" for i in range(8))
         (root / "cfg.yaml").write_text(
             f"seed: 0\nspace:\n  name: hf_merge\n  models:\n    base: {root / 'base'}\n    experts: {{{experts}}}\n"
-            f"  method: ties\n  layer_granularity: 4\n  memory: {{gpu_gib: {GPUS['24 GB'] / 1024:.2f}, h2d_gbps: {H2D_GBPS}}}\n"
+            f"  method: ties\n  layer_granularity: 4\n"
+            f"  memory: {{gpu_gib: {GPUS['24 GB'] / 1024:.2f}, h2d_gbps: {H2D_GBPS}}}\n"
             f"  cache_dir: {root / 'tv'}\nstrategy: {{name: cmaes, popsize: 16}}\n"
             f"fitness: {{name: lm_tasks, tasks: [{{name: t, path: {root / 't.jsonl'}, kind: choice}}]}}\n"
             f"engine: {{workers: 1, gpus_per_worker: 1}}\nbudget: {{max_evals: 100}}\n")

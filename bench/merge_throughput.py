@@ -171,7 +171,8 @@ def main(argv=None) -> int:
         print(f"{m:<19}{r['s_per_candidate']:>13.3f}{r['bytes_counted'] / 1e9:>10.2f}{r['gb_per_s']:>8.2f}"
               f"{100 * r['fraction_of_memcpy']:>10.0f}%  {r['counted']}")
     report = {"n_params": n_params, "torch_threads": torch.get_num_threads(), "memcpy_gb_per_s": memcpy,
-              "memcpy_gb_per_s_after": memcpy_after, "memcpy_reference_gb_per_s": reference, "density": args.density, "methods": rows,
+              "memcpy_gb_per_s_after": memcpy_after, "memcpy_reference_gb_per_s": reference, "density": args.density,
+              "methods": rows,
               "dtype": args.dtype, "table_s": table_s, "first_pass_s": compile_s,
               "torch": torch.__version__}
     print(f"wrote {write_results(args.out, report)}")

@@ -1,8 +1,9 @@
 """Listening sockets of a default local run's processes (driver, gcs_server, raylet, workers, agents):
 how many are not on loopback (the target is 0). Ray's gRPC servers (gcs_server, raylet, driver,
 workers) bind 127.0.0.1 through a dual-stack socket, which `ss` shows as [::ffff:127.0.0.1]:PORT: an
-IPv4-mapped loopback address, reachable from this machine only; those are counted apart. Starts the quickstart with a large budget, samples the
-sockets a few times during the search, then interrupts it (Ctrl-C) and checks it exits 130.
+IPv4-mapped loopback address, reachable from this machine only; those are counted apart. Starts the
+quickstart with a large budget, samples the sockets a few times during the search, then interrupts it
+(Ctrl-C) and checks it exits 130.
 
     .venv/bin/python bench/ray_listeners.py [--samples 3]
 """

@@ -55,7 +55,8 @@ def main() -> None:
         result = {
             "command": " ".join(["python", "run.py", "report", "RUN_DIR"]),
             "evaluations": n,
-            "strategy_lines": sum(1 for _ in open(run / "strategy.jsonl", "rb")) if (run / "strategy.jsonl").exists() else 0,
+            "strategy_lines": (sum(1 for _ in open(run / "strategy.jsonl", "rb"))
+                               if (run / "strategy.jsonl").exists() else 0),
             "wall_s": [round(w, 3) for w in walls],
             "wall_s_median": round(statistics.median(walls), 3),
             "read_s_median": round(statistics.median(i["read_s"] for i in inside), 3),

@@ -33,7 +33,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog(command),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog(command)} --config YAML [--set KEY=VALUE ...] [--out DIR] [--no-progress] [--dry-run [--verbose]]\n"
+        usage=f"{prog(command)} --config YAML [--set KEY=VALUE ...] [--out DIR] [--no-progress] "
+              "[--dry-run [--verbose]]\n"
               f"       {prog(command)} --resume RUN_DIR [--set budget.KEY=VALUE ...]"
               + ("" if command else f"\n       {prog()} {{export,report,serve,zoo}} ... (see {prog()} COMMAND --help)"),
         description="Search for model merges: a strategy proposes merge coefficients, Ray workers merge and score "

@@ -53,11 +53,13 @@ class EngineConfig(Frozen):
     failure_penalty: float | None = Field(None, description="fitness told to the strategy for a failed "
                                                             "evaluation (default: the worst possible)")
     max_failure_fraction: float = Field(0.5, ge=0, le=1, description="stop the run when more than this fraction "
-                                                                      "of evaluations failed (checked from 10 failures)")
+                                                                      "of evaluations failed (checked from 10 "
+                                                                      "failures)")
     max_worker_replacements: int = Field(100, ge=0, description="stop the run when workers died or hung more "
                                                                 "often than this (e.g. a worker that cannot start)")
     worker_start_timeout_s: float | None = Field(300.0, gt=0, description="a worker not ready this many seconds "
-                                                 "after it was created (e.g. its node is gone and no other has room) is "
+                                                 "after it was created "
+                                                 "(e.g. its node is gone and no other has room) is "
                                                  "given up and the run goes on with fewer; at start, counted from the "
                                                  "first worker ready (or as long as the first took, if longer); null: "
                                                  "wait forever")

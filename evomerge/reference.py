@@ -113,7 +113,8 @@ def _table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> tuple[list[str
     for name, field in model.model_fields.items():
         if name in skip:
             continue
-        rows.append(f"| `{name}` | {_cell(_type_name(field.annotation) + _constraints(field))} | {_cell(_default(field))} | "
+        rows.append(f"| `{name}` | {_cell(_type_name(field.annotation) + _constraints(field))} | "
+                    f"{_cell(_default(field))} | "
                     f"{_cell(field.description or '')} |")
         nested.extend((name, m) for m in _nested_models(field.annotation))
     return rows, nested

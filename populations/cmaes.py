@@ -26,7 +26,8 @@ class CMAESConfig(Frozen):
     x0: Literal["seeds_mean", "first_seed", "center", "zeros"] = Field(
         "seeds_mean", description="initial mean: mean or first of the space's seeds, centre of the bounds, or 0")
     diagonal: bool = Field(False, description="separable CMA-ES: diagonal covariance, linear memory")
-    bounds: tuple[float, float] | None = Field(None, description="[low, high] for every coordinate; default the space's")
+    bounds: tuple[float, float] | None = Field(None, description="[low, high] for every coordinate; "
+                                                                 "default the space's")
     respect_stop: bool = Field(False, description="end the run when pycma's termination criteria fire")
     options: dict[str, Any] = Field(default_factory=dict, description="extra pycma options")
 

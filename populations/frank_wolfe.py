@@ -32,7 +32,8 @@ from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
 
 class FrankWolfeConfig(Frozen):
     name: Literal["frank_wolfe"]
-    mode: Literal["taskwise", "layerwise"] = Field("taskwise", description="one atom per model, or per layer group and model")
+    mode: Literal["taskwise", "layerwise"] = Field("taskwise",
+                                                   description="one atom per model, or per layer group and model")
     steps: int = Field(10, ge=1, description="Frank-Wolfe iterations")
     step: float = Field(1.0, gt=0, le=1, description="gamma_t = step * 2 / (t + 2)")
     param: str = Field("weight", description="the merge parameter the iterate holds")

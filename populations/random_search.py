@@ -32,7 +32,8 @@ class RandomSearch(Strategy):
             if self.space.lower is not None:
                 x = self.rng.uniform(self.space.lower, self.space.upper).astype(np.float32)
             else:
-                x = self.center + self.rng.standard_normal(self.space.dim, dtype=np.float32) * np.float32(self.cfg.sigma)
+                x = (self.center
+                     + self.rng.standard_normal(self.space.dim, dtype=np.float32) * np.float32(self.cfg.sigma))
             out.append(Candidate(x=x, step=self.steps))
             self.steps += 1
         return out

@@ -248,7 +248,8 @@ CONFIG_CASES = [
     Case("section-not-a-mapping", _sets("engine=5"), "config engine: Input should be a valid dictionary"),
     Case("wrong-type-int", _sets("engine.workers=two"), "config engine.workers: Input should be a valid integer"),
     Case("fractional-int", _sets("engine.workers=2.5"), "config engine.workers: Input should be a valid integer"),
-    Case("out-of-range", _sets("strategy.alpha=-1"), "config strategy.alpha: Input should be greater than or equal to 0"),
+    Case("out-of-range", _sets("strategy.alpha=-1"),
+         "config strategy.alpha: Input should be greater than or equal to 0"),
     Case("no-budget", _sets("budget.max_evals=null"), "config budget: set max_evals or max_seconds"),
     Case("fitness-does-not-score-the-space", _sets("fitness={name: synthetic}"),
          "fitness 'synthetic' scores spaces"),
@@ -296,7 +297,8 @@ CONFIG_CASES = [
 # task files ------------------------------------------------------------------------------------
 
 GEN_ROWS = [{"prompt": "ab=", "answer": "ba"}, {"prompt": "cd=", "answer": "dc"}]
-MC_ROWS = [{"prompt": "1+1=", "choices": ["2", "3"], "answer": 0}, {"prompt": "2+2=", "choices": ["4", "5"], "answer": 0}]
+MC_ROWS = [{"prompt": "1+1=", "choices": ["2", "3"], "answer": 0},
+           {"prompt": "2+2=", "choices": ["4", "5"], "answer": 0}]
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,8 @@ DEFECTS = [
     Defect("blank-lines-only", "choice", lambda line, rows: b"\n  \n\n", ": empty file", ("lm_tasks", "api")),
     Defect("bad-json", "choice", _plus(b'{"prompt": "x", \n'), " line 3: invalid JSON"),
     Defect("non-object", "choice", _plus(b"[1, 2]\n"), " line 3: expected a JSON object, got an array"),
-    Defect("latin1", "choice", _plus('{"prompt": "caf\u00e9=", "choices": ["a", "b"], "answer": 0}\n'.encode("latin-1")),
+    Defect("latin1", "choice",
+           _plus('{"prompt": "caf\u00e9=", "choices": ["a", "b"], "answer": 0}\n'.encode("latin-1")),
            ": line 3: not UTF-8 text (byte 0xe9)"),
     Defect("bom", "choice", lambda line, rows: b"\xef\xbb\xbf" + _lines(line, rows),
            ": starts with a UTF-8 byte-order mark (BOM)"),
@@ -345,7 +348,8 @@ DEFECTS = [
            ': no examples with "split": "train"', ("lm_tasks", "api")),
     Defect("prompt-not-a-string", "generate", _plus({"prompt": 5, "answer": "5"}),
            " line 3: 'prompt' must be a string, not a number", ("lm_tasks", "api")),
-    Defect("empty-prompt", "choice", _plus({"prompt": "", "choices": ["6", "7"], "answer": 0}), " line 3: 'prompt' is empty"),
+    Defect("empty-prompt", "choice", _plus({"prompt": "", "choices": ["6", "7"], "answer": 0}),
+           " line 3: 'prompt' is empty"),
     Defect("whitespace-prompt", "choice", _plus({"prompt": " \t ", "choices": ["6", "7"], "answer": 0}),
            " line 3: 'prompt' is empty"),
     Defect("answer-a-boolean", "generate", _plus({"prompt": "ef=", "answer": True}),
@@ -494,9 +498,10 @@ KEEP = "{tmp}/old"
 RUN_DIR_CASES = [
     Case("out-inside-a-file", _out_in_a_file, "cannot create it: Not a directory", out=False, group="run_dir"),
     Case("out-not-empty", _out_not_empty, "already exists and is not empty", keeps_dir="{out}", group="run_dir"),
-    Case("out-read-only-fs", [*_sets()[:2], "--out", "/sys/evomerge-bad-input-run"], "--out /sys/evomerge-bad-input-run",
-         out=False, group="run_dir"),
-    Case("resume-not-a-run", ["--resume", "{tmp}"], "not a run directory with a checkpoint", out=False, group="run_dir"),
+    Case("out-read-only-fs", [*_sets()[:2], "--out", "/sys/evomerge-bad-input-run"],
+         "--out /sys/evomerge-bad-input-run", out=False, group="run_dir"),
+    Case("resume-not-a-run", ["--resume", "{tmp}"], "not a run directory with a checkpoint", out=False,
+         group="run_dir"),
     Case("resume-garbage-checkpoint", _resume(_rewrite("checkpoint.pkl", lambda b: b"\x00garbage" * 9)),
          "checkpoint.pkl is damaged", out=False, keeps_dir=KEEP, group="run_dir"),
     Case("resume-truncated-checkpoint", _resume(_rewrite("checkpoint.pkl", lambda b: b[:len(b) // 2])),

@@ -252,8 +252,9 @@ def test_serve_a_run_answers_model_merged_with_its_best(family, tmp_path):
     cfg = yaml.safe_load((family / "serve.yaml").read_text())
     cfg.update(engine={"workers": 1, "batch_size": 1}, budget={"max_evals": 2})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "run.py", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"),
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "run.py", "--config", str(tmp_path / "run.yaml"),
+                        "--out", str(tmp_path / "run"), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     best = json.loads((tmp_path / "run" / "best" / "recipe.json").read_text())
     with LocalServer("--run", str(tmp_path / "run")) as srv:

@@ -174,7 +174,8 @@ def test_a_chat_template_gives_the_prompt_its_token_ids():
     from hf_models import tokenizer
 
     tok = tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
     host = SimpleNamespace(rt=SimpleNamespace(tokenizer=tok), tok_lock=threading.Lock())
     ids = ModelHost.chat_prompt(host, [ChatMessage(role="user", content="1+2")])
     assert ids == tok("1+2 =")["input_ids"] and all(isinstance(i, int) for i in ids)

@@ -41,7 +41,8 @@ def drive(strategy, rounds):
         strategy.tell(results)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES) if n not in ("frank_wolfe", "evo_merging")])  # merge spaces
+@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES)
+                                  if n not in ("frank_wolfe", "evo_merging")])  # merge spaces
 def test_state_round_trip_gives_the_identical_next_ask(name):
     a = build_strategy(config(name), space(), seed=3)
     drive(a, 10)
@@ -57,7 +58,8 @@ def test_state_round_trip_gives_the_identical_next_ask(name):
         drive(b, 1)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES) if n not in ("frank_wolfe", "evo_merging")])  # merge spaces
+@pytest.mark.parametrize("name", [n for n in sorted(STRATEGIES)
+                                  if n not in ("frank_wolfe", "evo_merging")])  # merge spaces
 def test_search_improves_on_a_toy_problem(name):
     st = build_strategy(config(name), space(), seed=0)
     best = 0.0
@@ -110,7 +112,8 @@ def test_cmaes_mean_outside_bounds_is_a_config_error():
 
 
 def test_nevergrad_unknown_optimizer_is_a_config_error_with_suggestions():
-    with pytest.raises(UserError, match=r"strategy.optimizer: 'TwoPointDE' is not a nevergrad optimizer; did you mean TwoPointsDE"):
+    with pytest.raises(UserError, match=r"strategy.optimizer: 'TwoPointDE' is not a nevergrad optimizer; "
+                                        r"did you mean TwoPointsDE"):
         build_strategy(STRATEGIES["nevergrad"][0](name="nevergrad", optimizer="TwoPointDE"), space(), seed=0)
 
 

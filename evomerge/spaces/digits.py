@@ -19,7 +19,8 @@ class DigitsMLPSpaceConfig(Frozen):
     init: Literal["pretrained", "scratch"] = Field(
         "pretrained", description="seeds: the two pretrained experts (digits 0-4, 5-9) or two random models")
     init_std: float = Field(0.01, gt=0, description="std of the N(0, std^2) initialisation")
-    expert_seed: int = Field(42, description="RNG seed of the experts' initialisation (fixed across runs, as in the paper)")
+    expert_seed: int = Field(42, description="RNG seed of the experts' initialisation "
+                                             "(fixed across runs, as in the paper)")
     pretrain_lr: float = Field(0.003, gt=0, description="Adam learning rate of the experts")
     pretrain_steps: int = Field(10, ge=0, description="full-batch Adam steps of each expert")
 
