@@ -12,24 +12,15 @@ import numpy as np
 import pytest
 import yaml
 
-from commands import start
+from commands import start, synthetic_config
 from evomerge.journal import Journal, pack_scores, unpack_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp_path, **over) -> Path:
-    cfg = {"seed": 3, "space": {"name": "synthetic", "dim": 8},
-           "strategy": {"name": "m2n2", "archive_size": 8},
-           "fitness": {"name": "synthetic", "delay_ms": 2, "delay_sigma": 1.0},
-           "engine": {"workers": 2, "batch_size": 4, "cpus_per_worker": 0.5, "checkpoint_every_s": 0.5},
-           "budget": {"max_evals": 600}, "progress_every_s": 0.5}
-    for key, value in over.items():
-        section, _, name = key.partition("__")
-        if name:
-            cfg[section][name] = value
-        else:
-            cfg[section] = value
+    cfg = synthetic_config(fitness_extra={"delay_ms": 2, "delay_sigma": 1.0}, engine_extra={"cpus_per_worker": 0.5},
+                           **over)
     path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from commands import synthetic_config
 from evomerge.cli import _report_end
 from evomerge.config import apply_sets, read_yaml, validate
 from evomerge.engine import TIMING_KEYS, InProcessPool, WorkerDeath, WorkerHang, search
@@ -19,19 +20,8 @@ from evomerge.rundir import RunDir
 
 
 def config(**over):
-    """The synthetic search of test_engine_faults.py; `section__field=value` or `section={...}` overrides."""
-    cfg = {"seed": 3, "space": {"name": "synthetic", "dim": 8},
-           "strategy": {"name": "m2n2", "archive_size": 8},
-           "fitness": {"name": "synthetic"},
-           "engine": {"workers": 2, "batch_size": 4, "checkpoint_every_s": 0.5},
-           "budget": {"max_evals": 600}, "progress_every_s": 0.5}
-    for key, value in over.items():
-        section, _, name = key.partition("__")
-        if name:
-            cfg[section][name] = value
-        else:
-            cfg[section] = value
-    return validate(cfg)
+    """The synthetic search of test_engine_faults.py (no delays: in process, time is not what is tested)."""
+    return validate(synthetic_config(**over))
 
 
 class DriverKilled(BaseException):
