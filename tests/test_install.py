@@ -90,6 +90,36 @@ def test_the_installed_command_runs_the_quickstart_outside_the_checkout(venv, tm
             assert b"run.py" not in f.read_bytes(), f
 
 
+def test_fitness_and_populations_install_inside_the_package(venv, tmp_path):
+    """Installed names cannot collide with other projects': no top-level `fitness` or `populations`."""
+    python = venv / "bin" / "python"
+    code = ("import importlib.util as u, evomerge.fitness as f, evomerge.populations as p; "
+            "print(f.__file__); print(p.__file__); print(u.find_spec('fitness'), u.find_spec('populations'))")
+    r = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    fit, pop, top = r.stdout.splitlines()
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()).resolve()
+    assert Path(fit).resolve() == site / "evomerge" / "fitness" / "__init__.py"
+    assert Path(pop).resolve() == site / "evomerge" / "populations" / "__init__.py"
+    assert top == "None None"
+
+
+def test_the_package_list_names_every_package_folder():
+    """pyproject.toml lists the packages the wheel holds: every folder with an __init__.py under evomerge/, and
+    the two folders beside it that install inside it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"evomerge", "evomerge.fitness", "evomerge.populations"}
+    found |= {"evomerge." + ".".join(p.parent.relative_to(ROOT / "evomerge").parts)
+              for p in (ROOT / "evomerge").rglob("__init__.py") if p.parent != ROOT / "evomerge"}
+    for name in ("fitness", "populations"):
+        found |= {f"evomerge.{name}." + ".".join(p.parent.relative_to(ROOT / name).parts)
+                  for p in (ROOT / name).rglob("__init__.py") if p.parent != ROOT / name}
+    assert listed == found
+
+
 # exports ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def made_run(tmp_path_factory):
