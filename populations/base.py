@@ -79,7 +79,7 @@ class Strategy(ABC):
         """Refuse a config that cannot work in `dim` dimensions, before anything heavy starts."""
 
     @classmethod
-    def worker_extras(cls, cfg) -> tuple[str, ...]:
+    def extra_metrics(cls, cfg) -> tuple[str, ...]:
         """What the workers must compute for every candidate beyond its fitness, returned as extra
         metrics. Known: "weight_gradient" (d loss / d merge weight per group and expert, metrics
         'dloss/<group>/<expert>', from the fitness's differentiable `loss_model`)."""

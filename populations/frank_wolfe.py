@@ -83,7 +83,7 @@ class FrankWolfe(Strategy):
         self.gamma: float | None = None  # the current step's size (None before the first step)
 
     @classmethod
-    def worker_extras(cls, cfg: FrankWolfeConfig) -> tuple[str, ...]:
+    def extra_metrics(cls, cfg: FrankWolfeConfig) -> tuple[str, ...]:
         return ("weight_gradient",) if cfg.oracle == "gradient" else ()
 
     def _group_coords(self, g: str) -> np.ndarray:

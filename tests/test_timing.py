@@ -97,7 +97,7 @@ class FakeModelFitness:
 def test_a_model_fitness_times_the_merge_its_transfers_and_the_scoring(transfer):
     w = worker()
     w.fitness, w.runtime = FakeModelFitness("model"), FakeRuntime(transfer)
-    w.extras = ("weight_gradient",)  # counted in score_s
+    w.extra_metrics = ("weight_gradient",)  # counted in score_s
     w.space.decode = lambda x: {"x": x, "experts": ["a"]}
     xs = np.array([[0.1, 0.2], [0.95, 0.0], [0.3, 0.3]], np.float32)
     out = w.evaluate(xs)

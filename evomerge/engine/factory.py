@@ -31,7 +31,7 @@ def preflight(cfg: RunConfig) -> SearchSpace:
     space = build_space(cfg.space, cfg.seed)
     strategy = STRATEGIES[cfg.strategy.name][1]
     strategy.preflight(cfg.strategy, space.dim)
-    if "weight_gradient" in strategy.worker_extras(cfg.strategy):
+    if "weight_gradient" in strategy.extra_metrics(cfg.strategy):
         space.check_weight_gradient()
         if not fitness.differentiable:
             raise UserError(f"fitness.name: {cfg.fitness.name} has no differentiable loss; use a black-box "

@@ -86,7 +86,7 @@ class WorkerPool(ABC):
         e = cfg.engine
         self.size = e.workers
         self.threads = e.threads_per_worker or max(1, int(e.cpus_per_worker))
-        self.extras = STRATEGIES[cfg.strategy.name][1].worker_extras(cfg.strategy)
+        self.extra_metrics = STRATEGIES[cfg.strategy.name][1].extra_metrics(cfg.strategy)
         self.shared = None
         self.info: list[dict | None] = [None] * self.size
         self.ready = [False] * self.size
@@ -144,7 +144,7 @@ class WorkerPool(ABC):
     def worker_args(self, index: int) -> tuple[tuple, dict]:
         """The arguments of FitnessWorker for worker `index`."""
         c = self.cfg
-        return ((index, c.space, c.fitness, c.seed, self.threads, self.extras),
+        return ((index, c.space, c.fitness, c.seed, self.threads, self.extra_metrics),
                 {"gpu_share": c.engine.gpu_share(), "shared": self.shared})
 
     # start-up ---------------------------------------------------------------------------------------

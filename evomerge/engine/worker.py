@@ -14,18 +14,18 @@ from ..errors import UserError
 class FitnessWorker:
     """Wrapped with ray.remote by the engine; also usable in-process (tests, benchmarks)."""
 
-    def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple = (),
+    def __init__(self, index: int, space_cfg, fitness_cfg, seed: int, threads: int, extra_metrics: tuple = (),
                  gpu_share: float = 1.0, *, shared=None):
         """`shared`: what the fitness class's open_shared opened for the run (e.g. the API budget's
         actor), handed to the fitness."""
         self.index = index
         self.start_error: Exception | None = None
         try:
-            self._start(space_cfg, fitness_cfg, seed, threads, extras, gpu_share, shared)
+            self._start(space_cfg, fitness_cfg, seed, threads, extra_metrics, gpu_share, shared)
         except UserError as e:  # raised again by ready(): Ray keeps a task's exception (a RayTaskError
             self.start_error = e  # with .cause), but of a failed actor constructor only a message string
 
-    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extras: tuple, gpu_share: float,
+    def _start(self, space_cfg, fitness_cfg, seed: int, threads: int, extra_metrics: tuple, gpu_share: float,
                shared) -> None:
         from evomerge.fitness import build_fitness
 
@@ -33,7 +33,7 @@ class FitnessWorker:
 
         # torch is imported only by what needs it (seconds saved when a worker starts or is replaced)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        self.extras = tuple(extras)  # see Strategy.worker_extras
+        self.extra_metrics = tuple(extra_metrics)  # see Strategy.extra_metrics
         self.space = build_space(space_cfg, seed)
         self.space.gpu_share = gpu_share  # engine.gpus_per_worker < 1: the worker's memory plan takes its share
         self.fitness = build_fitness(fitness_cfg, shared)
@@ -56,7 +56,7 @@ class FitnessWorker:
         "errors": [None or 'Type: message'] * B, "timing": [None or dict] * B, "seconds", "worker"}.
 
         timing, per candidate scored (None where it failed): "score_s", the seconds the fitness took
-        (a batch scored at once: its seconds / B; weight_gradient extras count here), and for a model
+        (a batch scored at once: its seconds / B; weight_gradient extra metrics count here), and for a model
         fitness "merge_s", the seconds the runtime took to materialize the candidate (its merge into
         the resident model), and "transfer_s" when the runtime streamed merge inputs to its device:
         the seconds of those host-to-device copies, which overlap the merge (part of merge_s, not
@@ -101,7 +101,7 @@ class FitnessWorker:
                     timing["transfer_s"] = float(transfer)
                 f, s, m = self.fitness.evaluate_model(model, self.runtime.tokenizer)
                 m = dict(m)
-                if "weight_gradient" in self.extras:
+                if "weight_gradient" in self.extra_metrics:
                     tok = self.runtime.tokenizer
                     loss, grads = self.runtime.weight_gradient(recipe, lambda mdl: self.fitness.loss_model(mdl, tok),
                                                                materialized=True)
