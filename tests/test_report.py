@@ -4,13 +4,10 @@ run directories, bad input, and the strategies' statistics themselves."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from matplotlib.image import imread
 
 from evomerge.cli import main
@@ -23,25 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Short M2N2 and CMA-ES runs on the synthetic fitness with two tasks (two objectives), run side by
-    side: most of each is Ray starting (the quickstart's digits workers take seconds longer)."""
+    """Short M2N2 and CMA-ES runs on the synthetic fitness with two tasks (two objectives), each with two
+    workers in process (InProcessPool: the engine, its logs and the run directory as on Ray, in a second)."""
+    from evomerge.config import validate
+    from test_engine_local import new_run
+
     tmp = tmp_path_factory.mktemp("report")
     base = {"seed": 1, "space": {"name": "synthetic", "dim": 8},
             "fitness": {"name": "synthetic", "n_tasks": 2, "n_examples": 20},
             "engine": {"workers": 2, "batch_size": 4, "cpus_per_worker": 0.5}}
     strategies = {"m2n2": ({"name": "m2n2", "archive_size": 8}, 600),
                   "cma": ({"name": "cmaes", "popsize": 8, "diagonal": True, "sigma0": 0.3}, 240)}
-    procs = []
     for name, (strategy, n) in strategies.items():
-        (tmp / f"{name}.yaml").write_text(yaml.safe_dump({**base, "strategy": strategy, "budget": {"max_evals": n}}))
-        procs.append(subprocess.Popen([sys.executable, "run.py", "--config", str(tmp / f"{name}.yaml"), "--out",
-                                       str(tmp / name), "--no-progress"], cwd=ROOT, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    m2n2, cma = tmp / "m2n2", tmp / "cma"
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    return m2n2, cma
+        new_run(tmp / name, validate({**base, "strategy": strategy, "budget": {"max_evals": n}}))
+    return tmp / "m2n2", tmp / "cma"
 
 
 def records(run):
