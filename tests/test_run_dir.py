@@ -46,11 +46,12 @@ def wait_for(pred, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A finished 400-evaluation run, copied by the tests that change it."""
+    """A finished 400-evaluation run (made in process: the resumes below are the command's, on Ray)."""
+    from evomerge.config import load_config
+    from test_engine_local import new_run
+
     tmp = tmp_path_factory.mktemp("finished")
-    r = subprocess.run([sys.executable, "run.py", "--config", str(config(tmp)), "--out", str(tmp / "run"),
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    new_run(tmp / "run", load_config(config(tmp)))
     return tmp / "run"
 
 
