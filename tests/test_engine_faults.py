@@ -64,12 +64,15 @@ DETERMINISTIC = {"engine__deterministic": True}
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted deterministic run, fault-free: what the runs below must repeat."""
-    from conftest import run_cli
+    """An uninterrupted deterministic run, fault-free: what the runs below must repeat. It runs in process
+    (InProcessPool): a deterministic run is the same whatever runs its workers, so the Ray runs below are
+    checked against it too."""
+    from evomerge.config import load_config
+    from test_engine_local import new_run
 
     tmp = tmp_path_factory.mktemp("reference")
     cfg = write_config(tmp, **DETERMINISTIC)
-    run_to_end(run_cli, "--config", str(cfg), "--out", str(tmp / "ref"))
+    new_run(tmp / "ref", load_config(cfg))
     return cfg, tmp / "ref"
 
 
