@@ -101,12 +101,6 @@ def _shares(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def sign_consensus(weighted: Tensor) -> Tensor:
-    """TIES sign election: keep entries whose sign matches the sign of the summed deltas (0 counts as +)."""
-    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-    return weighted.sign() == majority
-
-
 def mix_deltas(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], out: Tensor, *,
                masks: Sequence[Tensor] | None = None, consensus: bool = False, normalize: bool = False) -> Tensor:
     """out = base + combined deltas (the generalized task arithmetic of TIES / DARE / breadcrumbs).
