@@ -85,6 +85,8 @@ class Strategy(ABC):
         'dloss/<group>/<expert>', from the fitness's differentiable `loss_model`)."""
         return ()
 
+    has_archive: ClassVar[bool] = False  # it keeps an archive a report shows (archive_view), e.g. M2N2
+
     @classmethod
     def archive_view(cls, state: dict) -> dict | None:
         """What a report may show of the archive in `state` (a `state_dict()`, the checkpoint's

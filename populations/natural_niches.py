@@ -82,6 +82,7 @@ class NaturalNiches(Strategy):
     kept child is stored, checkpointed and measured)."""
 
     generational = False
+    has_archive = True
 
     def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int, run: RunContext):
         super().__init__(cfg, space, seed, run)

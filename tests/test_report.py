@@ -122,6 +122,20 @@ def test_an_old_run_directory_without_time_stamps_still_reports(runs, tmp_path):
     assert f"{max(r['fitness'] for r in recs):.6g}" in md  # the best, from the records
 
 
+def test_an_archive_that_cannot_be_read_is_said_for_strategies_that_keep_one(runs, tmp_path):
+    """M2N2 keeps an archive (Strategy.has_archive): without its checkpoint, report.md says why archive.png
+    is missing; CMA-ES keeps none, and says nothing of one."""
+    notes = {}
+    for name, run in zip(("m2n2", "cma"), runs):
+        copy = tmp_path / name
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report*", "checkpoint.pkl"))
+        assert main(["report", str(copy)]) == 0
+        written, md = pngs_of(copy / "report")
+        assert "archive.png" not in written
+        notes[name] = "no scored archive in checkpoint.pkl: no archive.png" in md
+    assert notes == {"m2n2": True, "cma": False}
+
+
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     m2n2, _ = runs
     assert main(["report", str(tmp_path)]) == 2

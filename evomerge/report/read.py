@@ -148,6 +148,14 @@ def _objectives(config: dict, summary: dict | None) -> list[str]:
         return []
 
 
+def keeps_archive(run: Run) -> bool:
+    """The run's strategy keeps an archive a report shows (`Strategy.has_archive`)."""
+    from evomerge.populations import STRATEGIES
+
+    entry = STRATEGIES.get(run.strategy)
+    return entry is not None and entry[1].has_archive
+
+
 def read_archive(run: Run) -> dict | None:
     """The strategy's final archive as its class shows it (`Strategy.archive_view` of the checkpoint's
     "strategy" entry): {"scores": (members, examples), "fitness": (members,)}. None when the strategy

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rundir import EVALS, REPORT, STATS, SUMMARY
+from ..rundir import CHECKPOINT, EVALS, REPORT, STATS, SUMMARY
 from .figure import POINTS_MAX
 from .markdown import run_facts, write_compare, write_markdown
 from .plots_fitness import plot_fitness, plot_overlay, plot_tasks, task_metrics
 from .plots_pareto import MAX_PARETO, plot_pareto
 from .plots_strategy import plot_archive, plot_strategy, stat_keys
 from .plots_workers import plot_workers, split_caption
-from .read import Run, read_archive
+from .read import Run, keeps_archive, read_archive
 
 
 class _Staged:
@@ -96,6 +96,8 @@ def report_run(run: Run) -> tuple[Path, dict]:
             cov = plot_archive(run, archive, out / "archive.png")
             images.append(("archive.png", f"the final archive's per-example scores, members (best first) x "
                                           f"examples (most solved first); coverage {cov:.3f}"))
+        elif keeps_archive(run):
+            notes.append(f"no scored archive in {CHECKPOINT}: no archive.png")
         objectives = [k for k in run.objectives if k in run.metrics]
         if len(objectives) >= 2:
             size = plot_pareto(run, objectives, out / "pareto.png")
