@@ -9,10 +9,8 @@ import numpy as np
 
 from evomerge.populations import Candidate, Result
 
-# Seconds per candidate measured in the worker (see FitnessWorker.evaluate), on the records of candidates
-# evaluated (not cached, not failed): merge_s materializing the model, score_s the fitness, transfer_s the
-# host-to-device copies of streamed merge inputs (overlapping the merge: part of merge_s, not added to it).
-TIMING_KEYS = ("merge_s", "transfer_s", "score_s")
+from ..rundir import TIMING_KEYS
+
 # what a job's result holds (and what a replayed tell reads back from its record)
 RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t", *TIMING_KEYS)
 

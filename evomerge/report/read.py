@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..rundir import (CONFIG, EVALS, EVENTS, STATS, EvalRecords, is_run_dir, read_checkpoint, read_config, read_jsonl,
-                      read_summary)
+from ..rundir import (CONFIG, EVALS, EVENTS, STATS, TIMING_KEYS, EvalRecords, is_run_dir, read_checkpoint, read_config,
+                      read_jsonl, read_summary)
 
-TIMING_KEYS = ("merge_s", "transfer_s", "score_s")  # per evaluated candidate, as the engine logs them
 CHECKPOINT_MAX_BYTES = 2 << 30  # archive.png: larger checkpoints are not unpickled
 
 

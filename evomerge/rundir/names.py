@@ -12,6 +12,12 @@ BEST = "best"  # the best model's directory
 REPORT = "report"  # the `report` command's directory
 LOCK = ".lock"  # the writer's lock, holding its pid
 
+# The timing fields of an evaluation record in evals.jsonl: seconds measured in the worker (see
+# FitnessWorker.evaluate), on the records of candidates evaluated (not cached, not failed): merge_s
+# materializing the model, score_s the fitness, transfer_s the host-to-device copies of streamed merge
+# inputs (overlapping the merge: part of merge_s, not added to it).
+TIMING_KEYS = ("merge_s", "transfer_s", "score_s")
+
 
 def journal_name(n: int) -> str:
     """The journal of the calls since checkpoint number n."""
