@@ -8,6 +8,14 @@
 
 Scores are per-example (what M2N2's competition and per-task reports use) plus named metrics;
 `fitness` is the scalar the search maximises.
+
+Example subsets: a fitness whose `example_counts` is not None scores any subset of its search split.
+`examples` (every evaluate method takes it) is then a sorted 1-D int array of indices into the
+concatenated search examples (tasks in config order, task t's examples at offsets
+sum(counts[:t]) .. sum(counts[:t+1]) - 1), or None for all of them. The per-example scores returned
+are those of `examples`, in that order; each per-task metric is over the task's selected examples
+(omitted for a task with none selected), and the fitness is the weighted mean over the tasks that have
+any. A subset's fitness is then the estimate of the full split's that the same formula gives.
 """
 from __future__ import annotations
 
@@ -71,6 +79,13 @@ class Fitness:
         return []
 
     @classmethod
+    def example_counts(cls, cfg) -> list[int] | None:
+        """Search examples per task, in the order the per-example scores are concatenated, when the
+        fitness can score a subset of them (see the module's docstring); None (the default): it cannot.
+        Called in the driver (it may read the task files)."""
+        return None
+
+    @classmethod
     def check(cls, cfg) -> None:
         """Refuse, in the driver before anything starts, what cannot work (e.g. a missing API key or
         a defective task file). Default: nothing to check."""
@@ -86,8 +101,8 @@ class Fitness:
         return NotImplementedError(f"{type(self).__name__} (input {self.input!r}) has no {method}")
 
     # input "vector" --------------------------------------------------------------------------------
-    def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
-        """Score a batch of points (B, dim) on the search split."""
+    def evaluate(self, batch: np.ndarray, examples: np.ndarray | None = None) -> BatchEvaluation:
+        """Score a batch of points (B, dim) on the search split (`examples`: the same subset for all)."""
         raise self._missing("evaluate")
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
@@ -95,7 +110,8 @@ class Fitness:
         raise self._missing("holdout")
 
     # input "model" ---------------------------------------------------------------------------------
-    def evaluate_model(self, model, tokenizer) -> tuple[float, np.ndarray, dict[str, float]]:
+    def evaluate_model(self, model, tokenizer, examples: np.ndarray | None = None
+                       ) -> tuple[float, np.ndarray, dict[str, float]]:
         """(fitness, per-example scores (1-D, concatenated over tasks), metrics) on the search split."""
         raise self._missing("evaluate_model")
 
@@ -109,7 +125,8 @@ class Fitness:
         raise self._missing("loss_model")
 
     # input "recipe" --------------------------------------------------------------------------------
-    def evaluate_recipe(self, recipe: dict) -> tuple[float, np.ndarray, dict[str, float]]:
+    def evaluate_recipe(self, recipe: dict, examples: np.ndarray | None = None
+                        ) -> tuple[float, np.ndarray, dict[str, float]]:
         """(fitness, per-example scores, metrics) on the search split."""
         raise self._missing("evaluate_recipe")
 
@@ -121,3 +138,17 @@ class Fitness:
 class StopRun(Exception):
     """Raised by a fitness when the run must stop cleanly (e.g. its API budget is spent): the candidate
     is neither failed nor logged, the engine checkpoints and stops; a resumed run evaluates it."""
+
+
+def split_examples(examples: np.ndarray | None, counts: list[int]) -> list[np.ndarray | None]:
+    """Per task, the local indices of `examples` (indices into the concatenated search split of tasks
+    with `counts` examples; see the module's docstring) that fall in it; all None when examples is None.
+    A ValueError for indices that are not sorted, unique and in range."""
+    if examples is None:
+        return [None] * len(counts)
+    ex = np.asarray(examples, dtype=np.int64).reshape(-1)
+    total = int(sum(counts))
+    if ex.size and (ex[0] < 0 or ex[-1] >= total or np.any(np.diff(ex) <= 0)):
+        raise ValueError(f"examples must be sorted unique indices in 0..{total - 1}")
+    edges = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return [ex[(ex >= lo) & (ex < hi)] - lo for lo, hi in zip(edges[:-1], edges[1:])]

@@ -15,6 +15,15 @@ class Candidate:
     x: np.ndarray
     step: int
     tag: Any = None  # strategy-private bookkeeping, returned untouched in the Result
+    # the search examples to score it on: sorted indices into the fitness's concatenated search split
+    # (tasks in config order; RunContext.example_counts gives each task's count). None: the engine decides
+    # (all of them, or the cohort's subset under `scoring`). A strategy that sets it combines the scores.
+    examples: np.ndarray | None = None
+    # candidates the strategy ranks against each other share a cohort (e.g. a CMA-ES generation): under
+    # `scoring` the engine scores a cohort on one example subset, and races it. cohort_size: how many
+    # candidates the cohort will have (racing decides once all have their first slice). None: no cohort.
+    cohort: int | None = None
+    cohort_size: int | None = None
 
 
 @dataclass
@@ -26,6 +35,11 @@ class Result:
     scores: np.ndarray | None = None  # per-example scores, e.g. 1/0 correctness per training example
     metrics: dict[str, float] = field(default_factory=dict)
     failed: bool = False
+    # the examples `scores` and `fitness` come from (indices, as Candidate.examples); None: all of them
+    examples: np.ndarray | None = None
+    # fitness is an estimate from part of the examples the engine meant to use: racing stopped the
+    # candidate after its first slice (scores cover `examples`, that slice)
+    raced: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,9 @@ class RunContext:
 
     parallelism: int = 1  # candidates the engine keeps outstanding at once
     max_evals: int | None = None  # the run's budget.max_evals
+    # search examples per task of the fitness (Fitness.example_counts), in the order the per-example
+    # scores are concatenated; None: the fitness cannot score a subset (Candidate.examples unusable)
+    example_counts: tuple[int, ...] | None = None
 
 
 class Strategy(ABC):
