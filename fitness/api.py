@@ -44,7 +44,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 from evomerge.wire import MergeSpec
 
-from .base import Fitness, StopRun
+from .base import Fitness, StopRun, split_examples
 from .budget import Budget, RemoteBudget, open_budget
 from .lm_tasks import TaskSpec, check_unique_names, load_tasks
 
@@ -88,6 +88,12 @@ class APIFitness(Fitness):
     @classmethod
     def objectives(cls, cfg: APIFitnessConfig) -> list[str]:
         return [f"{t.name}_accuracy" for t in cfg.tasks] if len(cfg.tasks) > 1 else []
+
+    @classmethod
+    def example_counts(cls, cfg: APIFitnessConfig) -> list[int]:
+        """Train examples per task (after `limit`): any subset of them can be scored (requests are sent
+        only for the selected examples)."""
+        return [len(d["train"]) for d in load_tasks(cfg.tasks)]
 
     @classmethod
     def check(cls, cfg: APIFitnessConfig) -> None:
@@ -219,13 +225,19 @@ class APIFitness(Fitness):
                 total[k] += w * ll
         return float(int(np.argmax(total)) == answer)
 
-    def _score(self, recipe: dict, split: str) -> tuple[list[float], list[np.ndarray], dict]:
+    def _score(self, recipe: dict, split: str, select: list[np.ndarray | None] | None = None
+               ) -> tuple[list[float], list[np.ndarray], dict]:
+        """Per task: accuracy (nan for a task with no example scored), the per-example scores of the
+        selected examples (`select`: local indices per task, None: all of the split), and the usage."""
         usage = {"requests": 0, "cached": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
         targets = self._targets(recipe)
-        jobs = []
-        for spec, data in zip(self.cfg.tasks, self.data):
+        select = select if select is not None else [None] * len(self.data)
+        jobs, sizes = [], []
+        for spec, data, sel in zip(self.cfg.tasks, self.data, select):
             s = data[split]
-            for j in range(len(s)):
+            idx = range(len(s)) if sel is None else [int(j) for j in sel]
+            sizes.append(len(idx))
+            for j in idx:
                 if spec.kind == "generate":
                     jobs.append(self.pool.submit(self._generate, usage, targets, spec, s.prompts[j], s.answers[j]))
                 else:
@@ -238,22 +250,30 @@ class APIFitness(Fitness):
                 f.cancel()
             raise
         accs, scores, k = [], [], 0
-        for data in self.data:
-            n = len(data[split])
+        for n in sizes:
             sc = np.array(flat[k:k + n], np.float32)
             k += n
             scores.append(sc)
             accs.append(float(sc.mean()) if n else float("nan"))
         return accs, scores, usage
 
-    def evaluate_recipe(self, recipe: dict) -> tuple[float, np.ndarray, dict[str, float]]:
-        accs, scores, usage = self._score(recipe, "train")
-        metrics = {f"{t.name}_accuracy": a for t, a in zip(self.cfg.tasks, accs)}
+    def evaluate_recipe(self, recipe: dict, examples: np.ndarray | None = None
+                        ) -> tuple[float, np.ndarray, dict[str, float]]:
+        """Scores on the search split, or on its subset `examples` (indices into the concatenated train
+        examples, see fitness.base): requests only for those, per-task accuracies over each task's selected
+        examples (absent for a task with none), the fitness their weighted mean over the tasks that have any."""
+        counts = [len(d["train"]) for d in self.data]
+        select = split_examples(examples, counts)
+        accs, scores, usage = self._score(recipe, "train", select)
+        has = [sel is None or len(sel) > 0 for sel in select]
+        metrics = {f"{t.name}_accuracy": a for t, a, h in zip(self.cfg.tasks, accs, has) if h}
         metrics.update({f"api_{k}": float(v) for k, v in usage.items()})
         metrics["api_cost"] = (usage["prompt_tokens"] * self.cfg.price_per_1k_prompt
                                + usage["completion_tokens"] * self.cfg.price_per_1k_completion) / 1000
-        w = np.array([t.weight for t in self.cfg.tasks], np.float64)
-        return float(np.dot(w, accs) / w.sum()), np.concatenate(scores), metrics
+        w = np.array([t.weight for t, h in zip(self.cfg.tasks, has) if h], np.float64)
+        a = np.array([a for a, h in zip(accs, has) if h], np.float64)
+        fitness = float(np.dot(w, a) / w.sum()) if w.size else float("nan")
+        return fitness, np.concatenate(scores), metrics
 
     def holdout_recipe(self, recipe: dict) -> dict[str, float]:
         accs, _, _ = self._score(recipe, "test")
