@@ -250,3 +250,172 @@ def test_check_accepts_good_files_and_the_api_fitness_reads_them_before_the_serv
     assert not reached
     api.APIFitness.check(cfg.model_copy(update={"tasks": cfg.tasks[:1]}))
     assert len(reached) == 1
+
+
+# shared-prefix choice scoring and example subsets ---------------------------------------------------------
+
+MC_ROWS = [  # choices of different token lengths, examples with 2 to 5 choices, prompts of different lengths
+    ("up abc=", ["ABC", "ABD", "A"]),
+    ("1+2=", ["3", "12", "21", "0", "333333"]),
+    ("rev hello world=", ["dlrow olleh", "x"]),
+    ("sort dcba=", ["abcd", "dcba", "bacd", "a"]),
+    ("count a aab=", ["2", "1"]),
+    ("copy xy=", ["xy", "yx", "xyxy"]),
+    ("q=", ["x", "yy"]),
+]
+
+
+def mc_file(tmp_path, rows=MC_ROWS, name="mc.jsonl"):
+    return write(tmp_path / name, [{"prompt": p, "choices": c, "answer": i % len(c), "split": "train"}
+                                   for i, (p, c) in enumerate(rows)])
+
+
+def loglik(f, model, tok, i=0):
+    with torch.inference_mode():
+        return f._choice_loglik(model, f._encoded(tok, i, "train"))
+
+
+def test_shared_prefix_log_likelihoods_and_picks_equal_the_per_choice_path(lm, tmp_path):
+    from evomerge.fitness.lm_tasks import shared_prefix_supported
+
+    model, tok = lm
+    tasks = [{"name": "mc", "path": mc_file(tmp_path), "kind": "choice"}]
+    ref = LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", tasks=tasks, batch_size=1, choice_scoring="per_choice"))
+    want, want_scores = loglik(ref, model, tok), ref.evaluate_model(model, tok)[1]
+    assert [len(v) for v in want] == [len(c) for _, c in MC_ROWS]
+    assert model.config._attn_implementation == "sdpa" and shared_prefix_supported(model, 64)
+    rows_per_forward = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows_per_forward.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        for impl in ("sdpa", "eager"):
+            model.config._attn_implementation = impl
+            for bs in (1, 3, 64):  # 3 does not divide the 7 examples
+                f = LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", tasks=tasks, batch_size=bs))
+                assert f.cfg.choice_scoring == "shared_prefix"
+                rows_per_forward.clear()
+                got = loglik(f, model, tok)
+                # one row per example (its prompt and all its choices), at most batch_size rows a forward
+                assert sum(rows_per_forward) == len(MC_ROWS) and max(rows_per_forward) <= bs
+                for g, w in zip(got, want):
+                    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+                    assert np.argmax(g) == np.argmax(w)
+                np.testing.assert_array_equal(f.evaluate_model(model, tok)[1], want_scores)
+    finally:
+        hook.remove()
+        model.config._attn_implementation = "sdpa"
+
+
+def test_shared_prefix_runs_the_lm_head_only_where_a_choice_token_is_predicted(lm, tmp_path):
+    model, tok = lm
+    f = LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", batch_size=64, tasks=[
+        {"name": "mc", "path": mc_file(tmp_path), "kind": "choice"}]))
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, kw, out: seen.append((kw["input_ids"].shape, out.logits.shape)),
+                                       with_kwargs=True)
+    try:
+        loglik(f, model, tok)
+    finally:
+        hook.remove()
+    (ids_shape, logits_shape), = seen
+    enc = f._encoded(tok, 0, "train")
+    longest_prompt = max(len(p) for p, _ in enc)
+    # one row per example: the prompts end in one column, the choices follow one after the other
+    assert ids_shape == (len(MC_ROWS), longest_prompt + max(sum(len(c) for c in conts) for _, conts in enc))
+    # the columns kept (over all rows): the prompts' last (it predicts every choice's first token) and
+    # each choice's tokens but its last; the prompts' other columns never reach the LM head
+    kept = {longest_prompt - 1}
+    for _, conts in enc:
+        at = longest_prompt
+        for c in conts:
+            kept |= set(range(at, at + len(c) - 1))
+            at += len(c)
+    assert logits_shape[:2] == (len(MC_ROWS), len(kept))
+
+
+def test_shared_prefix_falls_back_where_the_model_cannot_take_the_packed_row(lm, tmp_path):
+    from types import SimpleNamespace
+
+    from evomerge.fitness.lm_tasks import shared_prefix_supported
+
+    model, tok = lm
+
+    def fake(**cfg):
+        def forward(input_ids=None, attention_mask=None, position_ids=None):
+            raise AssertionError("not called")
+        return SimpleNamespace(config=SimpleNamespace(**{"_attn_implementation": "sdpa", **cfg}), forward=forward)
+
+    assert shared_prefix_supported(fake(), 100)
+    assert not shared_prefix_supported(fake(_attn_implementation="flash_attention_2"), 100)
+    assert not shared_prefix_supported(fake(_attn_implementation="flex_attention"), 100)
+    assert not shared_prefix_supported(fake(layer_types=["full_attention", "linear_attention"]), 100)
+    assert shared_prefix_supported(fake(sliding_window=100), 100)  # the window covers every sequence
+    assert not shared_prefix_supported(fake(sliding_window=99), 100)
+    assert shared_prefix_supported(fake(sliding_window=8, use_sliding_window=False), 100)
+    assert shared_prefix_supported(fake(sliding_window=8, layer_types=["full_attention"]), 100)
+    assert not shared_prefix_supported(fake(sliding_window=8, layer_types=["sliding_attention", "full_attention"]), 100)
+    assert not shared_prefix_supported(SimpleNamespace(forward=lambda input_ids: None), 100)  # no config
+    # a model without position_ids (the bigram table) is scored by the per-choice path: same picks
+    table = torch.randn(len(tok), len(tok))
+    tasks = [{"name": "mc", "path": mc_file(tmp_path), "kind": "choice"}]
+    a, b = (LMTasksFitness(LMTasksFitnessConfig(name="lm_tasks", tasks=tasks, choice_scoring=m))
+            for m in ("shared_prefix", "per_choice"))
+    np.testing.assert_array_equal(a.evaluate_model(Bigram(table), tok)[1], b.evaluate_model(Bigram(table), tok)[1])
+    model.config._attn_implementation = "flash_attention_2"  # the tiny Llama, configured for flash-attention
+    try:
+        assert not shared_prefix_supported(model, 10)
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def subset_fitness(lm, tmp_path, **kw):
+    model, tok = lm
+    prompts = ["up abc=", "rev hello=", "12+7=", "copy xy=", "sort dcba="]
+    outs = [greedy(model, tok, p, 3) for p in prompts]
+    assert all(outs)
+    gen = [{"prompt": p, "answer": o if i % 2 else o + "z", "split": "train"}  # odd examples right
+           for i, (p, o) in enumerate(zip(prompts, outs))]
+    tasks = [{"name": "g", "path": write(tmp_path / "g.jsonl", gen), "kind": "generate", "max_new_tokens": 3},
+             {"name": "mc", "path": mc_file(tmp_path), "kind": "choice", "weight": 3.0, "limit": 6}]
+    cfg = LMTasksFitnessConfig(name="lm_tasks", tasks=tasks, **kw)
+    return cfg, LMTasksFitness(cfg)
+
+
+@pytest.mark.parametrize("bs", [1, 4])
+def test_a_subset_scores_only_its_examples_and_follows_the_formula(lm, tmp_path, bs):
+    model, tok = lm
+    cfg, f = subset_fitness(lm, tmp_path, batch_size=bs)
+    assert LMTasksFitness.example_counts(cfg) == [5, 6]  # the choice task after its limit
+    fit, full, metrics = f.evaluate_model(model, tok)
+    assert full.shape == (11,) and set(metrics) == {"g_accuracy", "mc_accuracy"}
+    np.testing.assert_array_equal(full[:5], [0, 1, 0, 1, 0])
+    calls = []
+    gen, choose = f._generate, f._choose
+    f._generate = lambda m, t, prompts, answers, n: calls.append(("g", len(prompts))) or gen(m, t, prompts, answers, n)
+    f._choose = lambda m, exs, answers: calls.append(("mc", len(exs))) or choose(m, exs, answers)
+    w = {"g": 1.0, "mc": 3.0}
+    for ex in ([0, 3, 5, 9, 10], [1, 2], [6, 7, 8], [4], list(range(11)), []):
+        calls.clear()
+        ex = np.array(ex, dtype=np.int64)
+        sub_fit, sub, sub_metrics = f.evaluate_model(model, tok, examples=ex)
+        assert sub.dtype == np.float32
+        np.testing.assert_array_equal(sub, full[ex])
+        by_task = {"g": sub[ex < 5], "mc": sub[ex >= 5]}
+        want = {f"{t}_accuracy": float(v.mean()) for t, v in by_task.items() if len(v)}
+        assert sub_metrics == pytest.approx(want) and set(sub_metrics) == set(want)
+        assert calls == [(t, len(v)) for t, v in by_task.items() if len(v)]  # only the selected examples ran
+        if want:
+            assert sub_fit == pytest.approx(sum(w[t] * float(v.mean()) for t, v in by_task.items() if len(v))
+                                            / sum(w[t] for t, v in by_task.items() if len(v)))
+        else:
+            assert np.isnan(sub_fit)
+    assert f.evaluate_model(model, tok, examples=None)[0] == fit
+    assert f.holdout_model(model, tok) == {}
+
+
+@pytest.mark.parametrize("ex", [[3, 1], [0, 0], [-1, 2], [11], [2, 11]])
+def test_out_of_range_or_unsorted_examples_raise(lm, tmp_path, ex):
+    model, tok = lm
+    _, f = subset_fitness(lm, tmp_path)
+    with pytest.raises(ValueError, match="sorted unique indices in 0..10"):
+        f.evaluate_model(model, tok, examples=np.array(ex))
