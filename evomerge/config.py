@@ -85,6 +85,42 @@ class BudgetConfig(Frozen):
         return self
 
 
+class RaceConfig(Frozen):
+    first: float = Field(0.25, gt=0, lt=1, description="share of a candidate's examples scored first (at least "
+                                                        "min_first); the rest only if it may still rank among "
+                                                        "the cohort's best the strategy uses")
+    min_first: int = Field(16, ge=2, description="fewest examples in the first slice")
+    confidence: float = Field(0.99, gt=0.5, lt=1, description="a candidate is stopped when, at this confidence "
+                                                              "(normal bound with finite-population correction, "
+                                                              "Bonferroni over the cohort's pairs), enough of "
+                                                              "its cohort score higher on all its examples")
+
+
+class ScoringConfig(Frozen):
+    subsample: float | None = Field(None, gt=0, description="score each cohort (a generation; a batch for "
+                                                            "steady-state strategies) on a subset of the search "
+                                                            "examples drawn for it: a count (>= 1) or a share "
+                                                            "(< 1), stratified by task; null: all examples")
+    resample: bool = Field(True, description="draw a new subset per cohort; false: one subset for the whole run "
+                                             "(what M2N2, which compares score vectors across its archive, needs)")
+    race: RaceConfig | None = Field(None, description="racing: score a cohort's candidates on a first slice, "
+                                                      "finish only those that may rank where the strategy "
+                                                      "looks (strategies that declare it: CMA-ES)")
+    verify_top: int = Field(4, ge=1, description="with subsets or racing: at the end of a session, the best "
+                                                 "estimates (this many) are scored on every example; the best "
+                                                 "of those is the run's best, reported and saved")
+
+    @model_validator(mode="after")
+    def _whole_count(self):
+        if self.subsample is not None and self.subsample >= 1 and self.subsample != int(self.subsample):
+            raise ValueError(f"subsample: a count must be a whole number (got {self.subsample}); a share is < 1")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.subsample is not None or self.race is not None
+
+
 class RunConfig(Frozen):
     seed: int = Field(0, description="seed of the strategy and of random initialisations")
     space: SpaceConfig
@@ -92,6 +128,7 @@ class RunConfig(Frozen):
     fitness: FitnessConfig
     engine: EngineConfig = EngineConfig()
     budget: BudgetConfig = BudgetConfig()
+    scoring: ScoringConfig = ScoringConfig()
     progress_every_s: float = Field(5.0, gt=0, description="seconds between progress lines when not on a terminal")
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from evomerge.schema import Frozen
 
-from .base import BatchEvaluation, Fitness
+from .base import BatchEvaluation, Fitness, split_examples
 
 
 class SyntheticFitnessConfig(Frozen):
@@ -69,17 +69,34 @@ class SyntheticFitness(Fitness):
         return self._scores(x)
 
     @classmethod
+    def example_counts(cls, cfg: SyntheticFitnessConfig) -> list[int]:
+        return [len(p) for p in np.array_split(np.arange(cfg.n_examples), cfg.n_tasks)]
+
+    @classmethod
     def objectives(cls, cfg: SyntheticFitnessConfig) -> list[str]:
         return [f"task{i}_accuracy" for i in range(cfg.n_tasks)] if cfg.n_tasks > 1 else []
 
-    def evaluate(self, batch: np.ndarray) -> BatchEvaluation:
+    def evaluate(self, batch: np.ndarray, examples: np.ndarray | None = None) -> BatchEvaluation:
+        """Each task weighs as its number of examples: the fitness is the mean score over all examples, and
+        over a subset the mean of its tasks' means weighted so (the stratified estimate of it)."""
         scores = np.stack([self._one(x) for x in batch])
-        fit = scores.mean(axis=1)
-        metrics = {"mean_score": fit}
-        if self.cfg.n_tasks > 1:
-            for i, part in enumerate(np.array_split(np.arange(scores.shape[1]), self.cfg.n_tasks)):
-                metrics[f"task{i}_accuracy"] = scores[:, part].mean(axis=1)
-        return BatchEvaluation(fitness=fit, scores=scores, metrics=metrics)
+        counts = self.example_counts(self.cfg)
+        edges = np.concatenate([[0], np.cumsum(counts)])
+        kept, means, weights, metrics = [], [], [], {}
+        for i, sel in enumerate(split_examples(examples, counts)):
+            idx = np.arange(edges[i], edges[i + 1]) if sel is None else sel + edges[i]
+            kept.append(idx)
+            if idx.size:
+                means.append(scores[:, idx].mean(axis=1))
+                weights.append(counts[i])
+                if self.cfg.n_tasks > 1:
+                    metrics[f"task{i}_accuracy"] = means[-1]
+        if examples is not None:
+            scores = np.ascontiguousarray(scores[:, np.concatenate(kept)])
+        fit = (scores.mean(axis=1) if examples is None or len(means) == 1
+               else np.average(np.stack(means), axis=0, weights=weights))
+        metrics["mean_score"] = scores.mean(axis=1)
+        return BatchEvaluation(fitness=fit, scores=scores, metrics=dict(sorted(metrics.items())))
 
     def holdout(self, x: np.ndarray) -> dict[str, float]:
         return {"holdout_score": float(self._scores(x).mean())}

@@ -17,10 +17,12 @@ STRATEGIES = {
 }
 
 
-def build_strategy(cfg, space: SpaceInfo, seed: int, parallelism: int = 1, max_evals: int | None = None) -> Strategy:
-    """The strategy `cfg.name` names; `parallelism` (candidates the engine keeps outstanding) and
-    `max_evals` are the run's context (RunContext) every strategy is given."""
-    return STRATEGIES[cfg.name][1].build(cfg, space, seed, RunContext(parallelism=parallelism, max_evals=max_evals))
+def build_strategy(cfg, space: SpaceInfo, seed: int, parallelism: int = 1, max_evals: int | None = None,
+                   example_counts: tuple[int, ...] | None = None) -> Strategy:
+    """The strategy `cfg.name` names; `parallelism` (candidates the engine keeps outstanding), `max_evals`
+    and the fitness's `example_counts` are the run's context (RunContext) every strategy is given."""
+    run = RunContext(parallelism=parallelism, max_evals=max_evals, example_counts=example_counts)
+    return STRATEGIES[cfg.name][1].build(cfg, space, seed, run)
 
 
 __all__ = ["Candidate", "Result", "RunContext", "SpaceInfo", "Strategy", "STRATEGIES", "build_strategy"]

@@ -102,6 +102,17 @@ class Strategy(ABC):
         'dloss/<group>/<expert>', from the fitness's differentiable `loss_model`)."""
         return ()
 
+    # M2N2 compares per-example score vectors across its whole archive: every candidate must be scored
+    # on the same examples (under scoring.subsample: one subset for the run, scoring.resample false)
+    same_examples: ClassVar[bool] = False
+
+    races: ClassVar[bool] = False  # it has cohorts and ranks_used: scoring.race applies
+
+    def ranks_used(self) -> int | None:
+        """How many of a cohort's best the strategy's update ranks (racing finishes a candidate while it
+        may be among them, e.g. CMA-ES's mu parents); None (the default): racing does not apply."""
+        return None
+
     has_archive: ClassVar[bool] = False  # it keeps an archive a report shows (archive_view), e.g. M2N2
 
     @classmethod

@@ -82,6 +82,7 @@ class NaturalNiches(Strategy):
     kept child is stored, checkpointed and measured)."""
 
     generational = False
+    same_examples = True  # the competition compares per-example scores across the archive
     has_archive = True
 
     def __init__(self, cfg: M2N2Config, space: SpaceInfo, seed: int, run: RunContext):

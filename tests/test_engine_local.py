@@ -65,7 +65,7 @@ class FaultyWorker(FitnessWorker):
         self.faults, self.incarnation, self.calls = faults, incarnation, 0
         super().__init__(*args, **kwargs)
 
-    def evaluate(self, batch):
+    def evaluate(self, batch, examples=None):
         f = self.faults
         self.calls += 1
         first = self.incarnation == 0
@@ -75,7 +75,7 @@ class FaultyWorker(FitnessWorker):
             raise WorkerHang
         if f.kill_after is not None and f.scored + len(batch) > f.kill_after:
             raise DriverKilled
-        out = super().evaluate(batch)
+        out = super().evaluate(batch, examples)
         if f.stop_after is not None and f.scored + len(batch) > f.stop_after:
             keep = max(f.stop_after - f.scored, 0)
             out["errors"] = [e if j < keep else "StopRun: API budget spent" for j, e in enumerate(out["errors"])]

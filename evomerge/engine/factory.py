@@ -31,12 +31,37 @@ def preflight(cfg: RunConfig) -> SearchSpace:
     space = build_space(cfg.space, cfg.seed)
     strategy = STRATEGIES[cfg.strategy.name][1]
     strategy.preflight(cfg.strategy, space.dim)
+    check_scoring(cfg)
     if "weight_gradient" in strategy.extra_metrics(cfg.strategy):
         space.check_weight_gradient()
         if not fitness.differentiable:
             raise UserError(f"fitness.name: {cfg.fitness.name} has no differentiable loss; use a black-box "
                             "oracle (strategy.oracle: black_box) or a differentiable fitness (lm_tasks)")
     return space
+
+
+def check_scoring(cfg: RunConfig) -> None:
+    """`scoring` (subsets, racing) needs a fitness that scores subsets, and a strategy that takes them."""
+    sc = cfg.scoring
+    if not sc.active:
+        return
+    field = "scoring.subsample" if sc.subsample is not None else "scoring.race"
+    counts = FITNESSES[cfg.fitness.name][1].example_counts(cfg.fitness)
+    if counts is None:
+        raise UserError(f"{field}: fitness {cfg.fitness.name} cannot score a subset of its examples; "
+                        "remove scoring.subsample and scoring.race")
+    strategy = STRATEGIES[cfg.strategy.name][1]
+    if sc.subsample is not None and sc.resample and strategy.same_examples:
+        raise UserError(f"scoring.resample: {cfg.strategy.name} compares per-example scores across its archive, "
+                        "so every candidate needs the same examples: set scoring.resample: false (one subset "
+                        "for the run) or remove scoring.subsample")
+    if sc.race is not None and not strategy.races:
+        racing = sorted(n for n, (_, s) in STRATEGIES.items() if s.races)
+        raise UserError(f"scoring.race: strategy {cfg.strategy.name} does not rank cohorts (racing applies to "
+                        f"{', '.join(racing) or 'no strategy yet'}); remove scoring.race")
+    if sc.race is not None and strategy.same_examples:
+        raise UserError(f"scoring.race: {cfg.strategy.name} needs every candidate's scores on the same examples; "
+                        "remove scoring.race")
 
 
 class Startup:
@@ -85,8 +110,10 @@ class Startup:
         info = SpaceInfo(dim=space.dim, seeds=tuple(seeds.result()), lower=space.lower, upper=space.upper,
                          random_seeds=space.random_seeds,
                          layout=tuple(space.layout) if space.layout is not None else None, gram=space.gram)
+        counts = FITNESSES[cfg.fitness.name][1].example_counts(cfg.fitness)
         strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=window(cfg.engine),
-                                  max_evals=cfg.budget.max_evals)
+                                  max_evals=cfg.budget.max_evals,
+                                  example_counts=None if counts is None else tuple(counts))
         engine = Engine(cfg, space, strategy, pool, run, shared=shared, progress=self.progress)
         if self.resume:
             replayed = engine.restore()

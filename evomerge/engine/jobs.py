@@ -12,7 +12,7 @@ from evomerge.populations import Candidate, Result
 from ..rundir import TIMING_KEYS
 
 # what a job's result holds (and what a replayed tell reads back from its record)
-RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t", *TIMING_KEYS)
+RESULT_KEYS = ("fitness", "metrics", "error", "worker", "seconds", "cached_from", "t", "raced", *TIMING_KEYS)
 
 
 @dataclass(eq=False)
@@ -29,6 +29,25 @@ class Job:
     result: dict | None = None  # fitness, metrics, failed, error, worker, seconds, cached_from, TIMING_KEYS
     scores: np.ndarray | None = None
     followers: list = field(default_factory=list)  # duplicates waiting for this evaluation
+    # example subsets (see evomerge.subsets): the examples its told result is on (None: all), racing's first
+    # slice of them (None: not raced), the ids of both in the run's subsets.jsonl, the cohort it is raced in
+    examples: np.ndarray | None = None
+    first: np.ndarray | None = None
+    draw: int | None = None
+    first_draw: int | None = None
+    cohort: tuple | None = None
+    first_out: tuple | None = None  # (result, scores) of the first slice, while raced
+    decided: bool = False  # raced and told to go on to all its examples
+    verify: bool = False  # a re-scoring of a told estimate on every example (not told to the strategy)
+
+    def sending(self) -> np.ndarray | None:
+        """The examples its next evaluation scores: the first slice while raced, else all of its own."""
+        return self.first if self.first is not None and self.first_out is None else self.examples
+
+    @property
+    def estimate(self) -> bool:
+        """Its told result is from part of the search examples (a subset, or stopped by racing)."""
+        return self.examples is not None or bool(self.result and self.result.get("raced"))
 
 
 @dataclass(eq=False)
@@ -75,6 +94,13 @@ def told(job: Job, t: float | None, penalty: float | None) -> tuple[dict, Result
     record = {"id": job.id, "step": job.candidate.step}
     if job.key is not None:
         record["key"] = job.key
+    raced = bool(r.get("raced"))
+    used, draw = (job.first, job.first_draw) if raced else (job.examples, job.draw)
+    if used is not None:  # scored on part of the search examples: subsets.jsonl lists draw's indices
+        record["examples"] = {"draw": draw, "n": int(used.size)}
+        record["estimate"] = True
+        if raced:
+            record["raced"] = True
     if r["failed"]:
         record.update(failed=True, error=r["error"], fitness=None)
     else:
@@ -94,4 +120,4 @@ def told(job: Job, t: float | None, penalty: float | None) -> tuple[dict, Result
         record["recipe"] = job.recipe
     fitness = (penalty if penalty is not None else -np.inf) if r["failed"] else r["fitness"]
     return record, Result(job.candidate, fitness, job.scores, r["metrics"] if not r["failed"] else {},
-                          failed=r["failed"])
+                          failed=r["failed"], examples=used, raced=raced)

@@ -12,6 +12,7 @@ from evomerge.populations import Candidate
 from ..config import EngineConfig
 from ..journal import pack_scores, unpack_scores
 from ..pareto import ParetoFront
+from ..subsets import ExamplePlan, examples_id, race_stops
 from .jobs import TIMING_KEYS, Batch, Job, candidate_key, failed, served
 
 MIN_FAILURES_TO_STOP = 10
@@ -28,14 +29,27 @@ class Ledger:
     steady-state mode, where whatever is known is told; deterministic mode tells whole groups in order).
     """
 
-    def __init__(self, engine: EngineConfig, objectives: list[str]):
+    def __init__(self, engine: EngineConfig, objectives: list[str], plan: ExamplePlan | None = None,
+                 keep: int | None = None, verify_top: int = 0):
+        """`plan`: the run's example subsets (scoring active), `keep`: the strategy's ranks_used (racing),
+        `verify_top`: estimates kept to re-score on every example at the end of a session."""
         self.engine = engine
+        self.plan = plan
+        self.keep = keep
+        self.verify_top = verify_top
+        # index sets scored so far: id -> sorted indices (subsets.jsonl), and their identities
+        self.draws: dict[int, list[int]] = {}
+        self.draw_ids: dict[str, int] = {}
+        self.new_draws: list[int] = []  # not yet written to subsets.jsonl
+        self.races: OrderedDict[tuple, int] = OrderedDict()  # raced cohort -> its size (decided once whole)
+        self.estimates: list[dict] = []  # the best estimated results told: {"fitness", "id", "x", "metrics"}
+        self.verified: dict[int, dict] = {}  # eval id -> its full-split result (fitness, metrics; or failed)
         self.next_id = 0
         self.next_group = 0
         self.groups: OrderedDict[int, list[Job]] = OrderedDict()
         self.jobs: dict[int, Job] = {}
         self.counts = {"told": 0, "failed": 0, "cached": 0, "retried": 0, "worker_replacements": 0,
-                       "timeouts": 0}
+                       "timeouts": 0, "examples_scored": 0, "raced": 0, "estimated": 0}
         self.busy_seconds = 0.0
         self.timing = {k: [0.0, 0] for k in TIMING_KEYS}
         self.best = {"fitness": -np.inf, "id": None, "x": None, "metrics": {}}
@@ -53,13 +67,46 @@ class Ledger:
         jobs = []
         for i, c in enumerate(candidates):
             recipe = space.recipe(c.x)
-            jobs.append(Job(first + i, group, c, candidate_key(recipe), recipe))
+            job = Job(first + i, group, c, candidate_key(recipe), recipe)
+            self._plan(job)
+            jobs.append(job)
         self.next_group += 1
         self.next_id += len(jobs)
         self.groups[group] = jobs
         for j in jobs:
             self.jobs[j.id] = j
         return jobs
+
+    def _plan(self, job: Job) -> None:
+        """The examples a job is scored on: the strategy's (Candidate.examples), else its cohort's draw."""
+        c = job.candidate
+        if c.examples is not None:
+            job.examples = np.asarray(c.examples, np.int64)
+        elif self.plan is not None:
+            key = c.cohort if c.cohort is not None else job.group
+            job.examples, first = self.plan.draw(key)
+            if first is not None and self.keep and c.cohort is not None:
+                job.first = first
+                job.cohort = (c.cohort,)
+                if job.cohort not in self.races:
+                    self.races[job.cohort] = int(c.cohort_size or 0)
+                    while len(self.races) > 256:  # cohorts long decided
+                        self.races.popitem(last=False)
+        job.draw = self._draw_id(job.examples)
+        job.first_draw = self._draw_id(job.first)
+        if job.key is not None and (job.examples is not None or job.first is not None):
+            job.key = f"{job.key}:{job.draw}:{job.first_draw}"  # a duplicate only on the same examples
+
+    def _draw_id(self, examples: np.ndarray | None) -> int | None:
+        if examples is None:
+            return None
+        ident = examples_id(examples)
+        d = self.draw_ids.get(ident)
+        if d is None:
+            d = self.draw_ids[ident] = len(self.draw_ids)
+            self.draws[d] = [int(i) for i in examples]
+            self.new_draws.append(d)
+        return d
 
     def route(self, job: Job) -> None:
         """Serve a duplicate from the cache or from the same candidate in flight, else queue it."""
@@ -80,7 +127,12 @@ class Ledger:
     # learnt ------------------------------------------------------------------------------
     def resolve(self, job: Job, result: dict, scores) -> None:
         """The result of a job is known; its followers get it too, and the cache keeps it."""
+        if job.verify:
+            self.verified[job.id] = {k: result.get(k) for k in ("fitness", "metrics", "failed", "error")}
+            return
         job.result, job.scores = result, scores
+        if job.cohort is not None:
+            self._race(job.cohort)
         if self.leaders.get(job.key) is job:
             del self.leaders[job.key]
         if not self.engine.deterministic:
@@ -144,8 +196,66 @@ class Ledger:
                     result[k] = round(max(float(v), 0.0), 6)
             if not np.isfinite(fit):
                 result.update(fitness=None, failed=True, error=f"fitness is {fit}")
+            sent = job.sending()
+            self.counts["examples_scored"] += self._n(sent, scores)
+            if sent is not None and sent is job.first and not result["failed"]:
+                job.first_out = (result, scores)  # the first slice: the cohort decides whether it goes on
+                self._race(job.cohort)
+                continue
+            if job.first_out is not None:  # finished after racing: both slices' seconds
+                result["seconds"] = round(result["seconds"] + job.first_out[0]["seconds"], 6)
             self.resolve(job, result, scores)
         return stop
+
+    def _n(self, sent, scores) -> int:
+        if sent is not None:
+            return int(sent.size)
+        if self.plan is not None:
+            return self.plan.total
+        return 0 if scores is None else int(np.asarray(scores).size)
+
+    # racing ------------------------------------------------------------------------------
+    def _members(self, cohort: tuple) -> list[Job]:
+        return [j for j in self.jobs.values() if j.cohort == cohort]
+
+    def _race(self, cohort: tuple, flush: bool = False) -> None:
+        """Decide the cohort's waiting members once every member asked has its first slice (or a result),
+        and the cohort is whole (or `flush`: the run asks no more): stopped ones are resolved with their
+        slice's estimate, the others go on to all their examples (first in the queue)."""
+        size = self.races.get(cohort)
+        if size is None:
+            return
+        members = self._members(cohort)
+        waiting = [j for j in members if j.first_out is not None and j.result is None and not j.decided]
+        if not waiting:
+            return
+        pending = [j for j in members if j.result is None and j.first_out is None and not self._follows(j)]
+        if pending or (not flush and len(members) < size):
+            return
+        first = {j.id: j.first_out[1] for j in members if j.first_out is not None and j.first_out[1] is not None}
+        n_total = self.plan.k
+        stops = race_stops(first, n_total, self.keep, self.plan.scoring.race.confidence, max(size, len(members)))
+        for j in waiting:
+            j.decided = True
+            if j.id in stops:
+                result, scores = j.first_out
+                self.counts["raced"] += 1
+                self.resolve(j, {**result, "raced": True}, scores)
+            else:
+                self.queue.appendleft(j)
+
+    def _follows(self, job: Job) -> bool:
+        leader = self.leaders.get(job.key)
+        return leader is not None and leader is not job
+
+    def flush_races(self) -> bool:
+        """Decide every cohort with the members it has (the run asks no more, or nothing else is left to
+        run); whether any member was decided."""
+        before = self.counts["raced"], len(self.queue)
+        for cohort in list(self.races):
+            self._race(cohort, flush=True)
+        return (self.counts["raced"], len(self.queue)) != before
+
 
     # told --------------------------------------------------------------------------------
     def to_tell(self) -> list[Job]:
@@ -174,16 +284,54 @@ class Ledger:
                 self.counts["failed"] += 1
                 self.last_failure = f"eval {job.id}: {rec['error']}"
                 continue
-            if rec.get("cached_from") is not None:
-                self.counts["cached"] += 1
-            elif self.front is not None:
-                self.front.add(job.id, rec["fitness"], rec["metrics"])
             for k in TIMING_KEYS:
                 if k in rec:
                     self.timing[k][0] += rec[k]
                     self.timing[k][1] += 1
-            if rec["fitness"] > self.best["fitness"]:
-                self.best = {"fitness": rec["fitness"], "id": job.id, "x": job.candidate.x, "metrics": rec["metrics"]}
+            if rec.get("cached_from") is not None:
+                self.counts["cached"] += 1
+            if rec.get("estimate"):  # part of the examples: a candidate for the best once verified
+                self.counts["estimated"] += 1
+                self._estimate(job, rec)
+                continue
+            if rec.get("cached_from") is None and self.front is not None:
+                self.front.add(job.id, rec["fitness"], rec["metrics"])
+            self._full(job.id, job.candidate.x, rec["fitness"], rec["metrics"])
+
+    def _full(self, id: int, x, fitness: float, metrics: dict) -> None:
+        if fitness > self.best["fitness"]:
+            self.best = {"fitness": fitness, "id": id, "x": x, "metrics": metrics}
+
+    def _estimate(self, job: Job, rec: dict) -> None:
+        """Keep the verify_top best estimates (by estimated fitness; one per recipe)."""
+        if not self.verify_top or rec.get("cached_from") is not None:
+            return
+        est = {"fitness": rec["fitness"], "id": job.id, "x": job.candidate.x, "metrics": rec["metrics"],
+               "key": job.key.split(":")[0] if job.key else None}
+        if est["key"] is not None and any(e["key"] == est["key"] for e in self.estimates):
+            return
+        self.estimates.append(est)
+        self.estimates.sort(key=lambda e: -e["fitness"])
+        del self.estimates[self.verify_top:]
+
+    def to_verify(self) -> list[Job]:
+        """Jobs re-scoring, on every example, the kept estimates not verified yet (see Engine.verify)."""
+        out = []
+        for e in self.estimates:
+            if e["id"] not in self.verified:
+                out.append(Job(e["id"], -1, Candidate(e["x"], -1), None, None, verify=True))
+        return out
+
+    def take_verified(self) -> None:
+        """The verified estimates' full-split results: the best of them may be the run's best, and the
+        Pareto front holds them."""
+        for e in self.estimates:
+            v = self.verified.get(e["id"])
+            if v is None or v.get("failed"):
+                continue
+            if self.front is not None and not any(m["eval_id"] == e["id"] for m in self.front.members):
+                self.front.add(e["id"], v["fitness"], v["metrics"])
+            self._full(e["id"], e["x"], v["fitness"], v["metrics"])
 
     def too_many_failures(self, at_least: int = MIN_FAILURES_TO_STOP) -> bool:
         """More than engine.max_failure_fraction of the told evaluations failed (and at least `at_least`)."""
@@ -209,22 +357,34 @@ class Ledger:
     # checkpoint --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         jobs = [{"id": j.id, "group": j.group, "x": j.candidate.x, "step": j.candidate.step, "tag": j.candidate.tag,
-                 "key": j.key, "recipe": j.recipe, "attempts": j.attempts, "result": j.result,
-                 "scores": pack_scores(j.scores)} for g in self.groups.values() for j in g]
+                 "candidate": j.candidate, "key": j.key, "recipe": j.recipe, "attempts": j.attempts,
+                 "result": j.result, "scores": pack_scores(j.scores), "examples": j.examples, "first": j.first,
+                 "draw": j.draw, "first_draw": j.first_draw, "cohort": j.cohort, "decided": j.decided,
+                 "first_out": None if j.first_out is None else (j.first_out[0], pack_scores(j.first_out[1]))}
+                for g in self.groups.values() for j in g]
         return {"next_id": self.next_id, "next_group": self.next_group, "jobs": jobs,
                 "counts": dict(self.counts), "busy_seconds": self.busy_seconds,
                 "timing": {k: list(v) for k, v in self.timing.items()}, "best": dict(self.best),
                 "cache": [(k, r, pack_scores(s)) for k, (r, s) in self.cache.items()],
                 "last_failure": self.last_failure,
-                "front": None if self.front is None else self.front.members}
+                "front": None if self.front is None else self.front.members,
+                "draws": dict(self.draws), "races": dict(self.races), "estimates": list(self.estimates),
+                "verified": dict(self.verified)}
 
     def load_state_dict(self, st: dict) -> None:
         self.next_id, self.next_group = st["next_id"], st["next_group"]
         self.groups.clear()
         self.jobs.clear()
         for d in st["jobs"]:
-            job = Job(d["id"], d["group"], Candidate(d["x"], d["step"], d["tag"]), d["key"], d["recipe"],
+            c = d.get("candidate") or Candidate(d["x"], d["step"], d["tag"])
+            job = Job(d["id"], d["group"], c, d["key"], d["recipe"],
                       attempts=d["attempts"], result=d["result"], scores=unpack_scores(d["scores"]))
+            for k in ("examples", "first", "draw", "first_draw", "cohort", "decided"):
+                if k in d:
+                    setattr(job, k, d[k])
+            if d.get("first_out") is not None:
+                r, sc = d["first_out"]
+                job.first_out = (r, unpack_scores(sc))
             self.groups.setdefault(job.group, []).append(job)
             self.jobs[job.id] = job
         self.counts.update(st["counts"])
@@ -237,3 +397,9 @@ class Ledger:
         self.last_failure = st["last_failure"]
         if self.front is not None and st.get("front") is not None:
             self.front.members = st["front"]
+        self.draws = {int(k): list(v) for k, v in (st.get("draws") or {}).items()}  # older checkpoints: none
+        self.draw_ids = {examples_id(np.asarray(v, np.int64)): k for k, v in self.draws.items()}
+        self.new_draws = []
+        self.races = OrderedDict(st.get("races") or {})
+        self.estimates = list(st.get("estimates") or [])
+        self.verified = dict(st.get("verified") or {})

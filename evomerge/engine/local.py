@@ -97,9 +97,9 @@ class InProcessPool(WorkerPool):
         w = self.workers[index]
         return self._call(index, lambda: w.obj.ready())
 
-    def _evaluate(self, index: int, batch: np.ndarray):
+    def _evaluate(self, index: int, batch: np.ndarray, examples: list | None):
         w = self.workers[index]
-        return self._call(index, lambda: w.obj.evaluate(batch))
+        return self._call(index, lambda: w.obj.evaluate(batch, examples))
 
     def _wait(self, handles: list, timeout: float) -> list:
         done = []

@@ -13,11 +13,12 @@ from ..journal import unpack_scores
 from ..progress import Progress
 from ..rundir import RunDir
 from ..spaces.base import SearchSpace
+from ..subsets import ExamplePlan
 from .jobs import RESULT_KEYS, Job, fingerprint, told
 from .ledger import Ledger
 from .pool import Finished, GivenUp, Lost, Started, WorkerPool
 from .recorder import Recorder
-from .summary import summarize
+from .summary import NO_BEST, summarize
 
 
 def window(engine: EngineConfig) -> int:
@@ -50,7 +51,13 @@ class Engine:
         self.shared = shared
         self.show_progress = progress
         self.window = window(cfg.engine)
-        self.ledger = Ledger(cfg.engine, FITNESSES[cfg.fitness.name][1].objectives(cfg.fitness))
+        fitness = FITNESSES[cfg.fitness.name][1]
+        plan = None
+        if cfg.scoring.active:  # preflight has checked that the fitness can score subsets
+            plan = ExamplePlan(fitness.example_counts(cfg.fitness), cfg.scoring, cfg.seed)
+        keep = strategy.ranks_used() if cfg.scoring.race is not None else None
+        self.ledger = Ledger(cfg.engine, fitness.objectives(cfg.fitness), plan, keep,
+                             cfg.scoring.verify_top if cfg.scoring.active else 0)
         self.recorder = Recorder(rundir, cfg.budget.max_evals)
         self.stop_requested: str | None = None  # e.g. "interrupted", set from a signal handler
         self.stop_reason: str | None = None
@@ -124,6 +131,8 @@ class Engine:
 
     def _fill(self) -> None:
         e, budget, ledger = self.cfg.engine, self.cfg.budget, self.ledger
+        if self.stop_reason is not None:
+            ledger.flush_races()  # nothing more is asked: raced cohorts decide with what they have
         while self.stop_reason is None:
             if budget.max_evals is not None and ledger.next_id >= budget.max_evals:
                 self.stop_reason = "max_evals"
@@ -132,6 +141,7 @@ class Engine:
             elif self.strategy.done:
                 self.stop_reason = "strategy_done"
             if self.stop_reason:
+                ledger.flush_races()
                 return
             if e.deterministic:
                 room = self.window - len(ledger.jobs)
@@ -211,6 +221,9 @@ class Engine:
         records = [p[0] for p in pairs]
         self.recorder.tell(records, jobs)
         self.strategy.tell([p[1] for p in pairs])
+        if self.ledger.new_draws and not replaying:  # the index sets the records name, before them
+            self.rundir.log_subsets({d: self.ledger.draws[d] for d in self.ledger.new_draws})
+            self.ledger.new_draws = []
         self.recorder.evals(records)
         self.ledger.close(jobs, records)
         if self.ledger.too_many_failures():
@@ -220,6 +233,24 @@ class Engine:
 
     def _stats(self) -> None:
         self.recorder.stats(self.ledger.counts["told"], self.elapsed(), self.strategy)
+
+    def verify(self) -> None:
+        """Score the best estimates (results on part of the examples: subsets, racing) on every example
+        before the best is reported or saved; the best of them may become the run's best. Their
+        results are kept in the checkpoint (ledger.verified) and in summary.json, not told."""
+        ledger = self.ledger
+        jobs = ledger.to_verify()
+        if not jobs:
+            return
+        ledger.queue.extendleft(reversed(jobs))
+        while any(j.id not in ledger.verified for j in jobs) and not self.stop_requested:
+            if not self.pool.live() and not self.pool.starting:
+                break
+            self._dispatch()
+            self._wait()
+        ledger.queue = type(ledger.queue)(j for j in ledger.queue if not j.verify)
+        ledger.take_verified()
+        self._checkpoint()
 
     # the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -258,10 +289,14 @@ class Engine:
                 break
             if self.recorder.checkpoint_due(ledger.counts["told"], e.checkpoint_every_s, e.checkpoint_every_evals):
                 self._checkpoint()
+            if not ledger.queue and not pool.inflight and ledger.flush_races():
+                continue  # raced members waited for a cohort that is not coming
             self._wait()
             rate = (ledger.counts["told"] - told_at_start) / max(time.perf_counter() - self.session_start, 1e-9)
             progress.update(ledger.counts["told"], ledger.best["fitness"], rate)
 
+        if ledger.estimates and self.stop_reason not in NO_BEST:
+            self.verify()
         session_seconds = time.perf_counter() - self.session_start
         search_seconds = self.elapsed()
         driver_cpu = time.process_time() - cpu_start

@@ -118,8 +118,8 @@ class WorkerPool(ABC):
         """A handle to worker `index`'s ready() (its info once started)."""
 
     @abstractmethod
-    def _evaluate(self, index: int, batch: np.ndarray):
-        """A handle to worker `index`'s evaluate(batch)."""
+    def _evaluate(self, index: int, batch: np.ndarray, examples: list | None):
+        """A handle to worker `index`'s evaluate(batch, examples)."""
 
     @abstractmethod
     def _wait(self, handles: list, timeout: float) -> list:
@@ -212,7 +212,9 @@ class WorkerPool(ABC):
 
     def submit(self, w: int, jobs: list[Job]) -> Batch:
         batch = Batch(w, jobs, time.perf_counter())
-        batch.handle = self._evaluate(w, np.stack([j.candidate.x for j in jobs]))
+        examples = [j.sending() for j in jobs]
+        batch.handle = self._evaluate(w, np.stack([j.candidate.x for j in jobs]),
+                                      None if all(e is None for e in examples) else examples)
         self.inflight[batch.handle] = batch
         self.batches[w].append(batch)
         self.slots[w] -= 1

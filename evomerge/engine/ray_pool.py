@@ -54,8 +54,8 @@ class RayPool(WorkerPool):
     def _ready(self, index: int):
         return self.actors[index].ready.remote()
 
-    def _evaluate(self, index: int, batch: np.ndarray):
-        return self.actors[index].evaluate.remote(batch)
+    def _evaluate(self, index: int, batch: np.ndarray, examples: list | None):
+        return self.actors[index].evaluate.remote(batch, examples)
 
     def _wait(self, handles: list, timeout: float) -> list:
         import ray

@@ -47,8 +47,12 @@ def summarize(engine, session_seconds: float, search_seconds: float, done_now: i
         summary["last_failure"] = ledger.last_failure
     if ledger.front is not None:
         summary["pareto_front"] = {"objectives": ledger.front.objectives, "members": ledger.front.sorted()}
+    if ledger.plan is not None:
+        summary["scoring"] = scoring_summary(ledger)
     if ledger.best["x"] is not None and engine.stop_reason not in NO_BEST:
         summary["best"] = save_best(pool, engine.rundir, ledger.best)
+        if ledger.plan is not None:  # the best is always a score on every example (Engine.verify)
+            summary["best"]["scored_on"] = "all examples"
     summary["strategy"] = engine.strategy.summary()
     summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if engine.stop_reason not in NO_BEST:
@@ -56,6 +60,21 @@ def summarize(engine, session_seconds: float, search_seconds: float, done_now: i
         if rss is not None:
             summary["worker_peak_rss_mb"] = [round(m, 1) for m in rss]
     return summary
+
+
+def scoring_summary(ledger) -> dict:
+    """What scoring on subsets and racing did: the examples scored, against every candidate on all of
+    them; the estimates told (subsets, raced), and the verified estimates (their estimate, full score)."""
+    plan, c = ledger.plan, ledger.counts
+    full = c["told"] * plan.total
+    out = {"examples": plan.total, "subsample": plan.k, "race_first": plan.m,
+           "examples_scored": c["examples_scored"], "examples_if_all_scored": full,
+           "share_scored": round(c["examples_scored"] / max(full, 1), 4),
+           "estimated": c["estimated"], "raced": c["raced"]}
+    out["verified"] = [{"eval_id": e["id"], "estimate": e["fitness"],
+                        **({"fitness": v["fitness"]} if not v.get("failed") else {"error": v.get("error")})}
+                       for e in ledger.estimates if (v := ledger.verified.get(e["id"])) is not None]
+    return out
 
 
 def save_best(pool: WorkerPool, rundir: RunDir, best: dict) -> dict:

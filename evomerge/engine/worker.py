@@ -49,8 +49,11 @@ class FitnessWorker:
             raise self.start_error
         return {"index": self.index, "pid": os.getpid(), "device": self.device}
 
-    def evaluate(self, batch: np.ndarray) -> dict:
+    def evaluate(self, batch: np.ndarray, examples: list | None = None) -> dict:
         """Score a batch. An exception is caught per candidate: the others still get their scores.
+        `examples`: per candidate, the search examples to score it on (None: all; see fitness/base.py);
+        None: all examples for every candidate. Per-example scores are then those of its examples
+        ("scores" is a list of 1-D arrays instead of one 2-D array when their lengths differ).
 
         Returns {"fitness": (B,), "scores": (B, n) or None, "metrics": name -> (B,),
         "errors": [None or 'Type: message'] * B, "timing": [None or dict] * B, "seconds", "worker"}.
@@ -63,32 +66,41 @@ class FitnessWorker:
         added to it).
         """
         start = time.perf_counter()
-        if self.fitness.input == "vector":  # a batch at once; one at a time only to find the failing ones
-            try:
-                ev = self.fitness.evaluate(batch)
-                per = {"score_s": (time.perf_counter() - start) / max(len(batch), 1)}
-                out = self._pack([(float(f), None if ev.scores is None else ev.scores[j],
-                                   {k: float(v[j]) for k, v in ev.metrics.items()}, None, dict(per))
-                                  for j, f in enumerate(ev.fitness)])
-            except Exception as e:  # noqa: BLE001 - find the candidates that raise, score the rest
-                if len(batch) == 1:
-                    out = self._pack([(float("nan"), None, {}, _describe(e), None)])
-                else:
-                    out = self._pack([self._one(x) for x in batch])
+        ex = examples if examples is not None else [None] * len(batch)
+        if self.fitness.input == "vector":  # a batch at once per example set; one at a time to find failures
+            rows: list = [None] * len(batch)
+            sets: dict = {}
+            for j, e in enumerate(ex):
+                sets.setdefault(None if e is None else tuple(int(i) for i in e), []).append(j)
+            for idx in sets.values():
+                t0 = time.perf_counter()
+                try:
+                    ev = (self.fitness.evaluate(batch[idx]) if ex[idx[0]] is None
+                          else self.fitness.evaluate(batch[idx], ex[idx[0]]))
+                    per = {"score_s": (time.perf_counter() - t0) / len(idx)}
+                    for r, j in enumerate(idx):
+                        rows[j] = (float(ev.fitness[r]), None if ev.scores is None else ev.scores[r],
+                                   {k: float(v[r]) for k, v in ev.metrics.items()}, None, dict(per))
+                except Exception as e:  # noqa: BLE001 - find the candidates that raise, score the rest
+                    for j in idx:
+                        rows[j] = ((float("nan"), None, {}, _describe(e), None) if len(idx) == 1
+                                   else self._one(batch[j], ex[j]))
+            out = self._pack(rows)
         else:
-            out = self._pack([self._one(x) for x in batch])
+            out = self._pack([self._one(x, e) for x, e in zip(batch, ex)])
         out["seconds"] = time.perf_counter() - start
         out["worker"] = self.index
         return out
 
-    def _one(self, x: np.ndarray) -> tuple:
+    def _one(self, x: np.ndarray, examples: np.ndarray | None = None) -> tuple:
         """(fitness, scores, metrics, error, timing) of one candidate; see evaluate."""
         clock = time.perf_counter
         try:
             if self.fitness.input == "recipe":  # scored remotely, e.g. through an API
                 recipe = self.space.decode(x)
                 t0 = clock()
-                f, s, m = self.fitness.evaluate_recipe(recipe)
+                f, s, m = (self.fitness.evaluate_recipe(recipe) if examples is None
+                           else self.fitness.evaluate_recipe(recipe, examples))
                 return float(f), s, dict(m), None, {"score_s": clock() - t0}
             if self.fitness.input == "model":
                 recipe = self.space.decode(x)
@@ -99,7 +111,8 @@ class FitnessWorker:
                 transfer = self.runtime.last_transfer_s  # overlaps the merge: within merge_s
                 if transfer is not None:
                     timing["transfer_s"] = float(transfer)
-                f, s, m = self.fitness.evaluate_model(model, self.runtime.tokenizer)
+                f, s, m = (self.fitness.evaluate_model(model, self.runtime.tokenizer) if examples is None
+                           else self.fitness.evaluate_model(model, self.runtime.tokenizer, examples))
                 m = dict(m)
                 if "weight_gradient" in self.extra_metrics:
                     tok = self.runtime.tokenizer
@@ -112,7 +125,7 @@ class FitnessWorker:
                 timing["score_s"] = clock() - t1
                 return float(f), s, m, None, timing
             t0 = clock()
-            ev = self.fitness.evaluate(x[None])
+            ev = self.fitness.evaluate(x[None]) if examples is None else self.fitness.evaluate(x[None], examples)
             return (float(ev.fitness[0]), None if ev.scores is None else ev.scores[0],
                     {k: float(v[0]) for k, v in ev.metrics.items()}, None, {"score_s": clock() - t0})
         except Exception as e:  # noqa: BLE001 - reported per candidate, the run goes on
@@ -121,13 +134,15 @@ class FitnessWorker:
     @staticmethod
     def _pack(rows: list[tuple]) -> dict:
         """rows: (fitness, scores, metrics, error, timing) per candidate."""
-        width = next((np.asarray(r[1]).size for r in rows if r[1] is not None), None)
+        widths = {np.asarray(r[1]).size for r in rows if r[1] is not None}
         scores = None
-        if width is not None:
-            scores = np.zeros((len(rows), width))
+        if len(widths) == 1:
+            scores = np.zeros((len(rows), widths.pop()))
             for j, r in enumerate(rows):
                 if r[1] is not None:
                     scores[j] = np.asarray(r[1], np.float64).reshape(-1)
+        elif widths:  # candidates scored on example sets of different sizes
+            scores = [None if r[1] is None else np.asarray(r[1], np.float64).reshape(-1) for r in rows]
         names = {k for r in rows for k in r[2]}
         return {"fitness": np.array([r[0] for r in rows], np.float64), "scores": scores,
                 "metrics": {k: np.array([r[2].get(k, np.nan) for r in rows]) for k in sorted(names)},

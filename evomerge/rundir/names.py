@@ -5,6 +5,7 @@ from __future__ import annotations
 CONFIG = "config.yaml"  # the resolved config
 EVALS = "evals.jsonl"  # one record per evaluation, append-only
 EVENTS = "workers.jsonl"  # worker starts and replacements
+SUBSETS = "subsets.jsonl"  # the example index sets evals.jsonl's records name by "draw" (scoring on subsets)
 STATS = "strategy.jsonl"  # the strategy's statistics over time
 SUMMARY = "summary.json"  # written at the end of a session
 CHECKPOINT = "checkpoint.pkl"  # strategy and engine state (see journal.py)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .names import BEST, CHECKPOINT, CONFIG, EVALS, EVENTS, LOCK, STATS, SUMMARY, journal_name
+from .names import BEST, CHECKPOINT, CONFIG, EVALS, EVENTS, LOCK, STATS, SUBSETS, SUMMARY, journal_name
 from .reader import read_checkpoint
 
 MIN_FREE_BYTES = 16 << 20  # --out on a file system with less free space is refused before start-up
@@ -202,6 +202,15 @@ class RunDir:
         """Append and hand to the OS at once: a killed driver loses no logged evaluation."""
         self._evals.write("".join(dumps(r, separators=(",", ":")) + "\n" for r in records))
         self._evals.flush()
+
+    def log_subsets(self, draws: dict[int, list[int]]) -> None:
+        """Lines of subsets.jsonl, {"draw": id, "indices": [...]}, written before the records naming them
+        (a line may repeat after a resume; it is the same)."""
+        with open(self.path / SUBSETS, "a") as f:
+            f.write("".join(dumps({"draw": d, "indices": ix}, separators=(",", ":")) + "\n"
+                            for d, ix in draws.items()))
+            f.flush()
+            os.fsync(f.fileno())
 
     def log_stats(self, entry: dict) -> None:
         """One line of strategy statistics (line-buffered: each reaches the OS as it is written)."""
