@@ -18,7 +18,8 @@ predict a continuation token. "per_choice" runs every (prompt, choice) pair as a
 LM head at every position. Both give the same log-likelihoods (to float rounding) and picks.
 The packed row needs a model whose attention honours a prepared 4-D mask: a transformers causal LM
 (Llama/Qwen/Mistral style) whose forward takes ``position_ids`` and whose attention implementation is
-"sdpa" or "eager" (transformers uses a 4-D mask as given). Anything else (flash-attention, flex,
+"sdpa" or "eager" (transformers uses a 4-D mask as given; checked with 5.24 on Llama, Qwen2/3, Mistral,
+Phi-3, Gemma 2/3, float32 and bfloat16). Anything else (flash-attention, flex,
 a model without ``config``/``position_ids``, layers other than full or sliding attention such as
 linear/recurrent ones, or a sliding window shorter than a task's longest prompt + choice) falls back
 to the per-choice path; log-softmax runs in float32 on either path.
@@ -206,7 +207,8 @@ class LMTasksFitness(Fitness):
     def evaluate_model(self, model, tokenizer, examples: np.ndarray | None = None
                        ) -> tuple[float, np.ndarray, dict[str, float]]:
         """Search split scores; `examples` (sorted indices into the concatenated train examples, see
-        fitness/base.py): only those are run, their scores returned in that order."""
+        fitness/base.py): only those are run, their scores returned in that order (none selected: no
+        metrics and a NaN fitness)."""
         picks = split_examples(examples, [len(d["train"]) for d in self.data])
         accs, scores = self._run(model, tokenizer, "train", picks)
         metrics, num, den = {}, 0.0, 0.0
