@@ -161,3 +161,13 @@ def test_a_fitness_that_cannot_score_subsets_is_refused():
                     "fitness": {"name": "digits"}, "scoring": {"subsample": 0.5}})
     with pytest.raises(UserError, match="scoring.subsample: fitness digits cannot score a subset"):
         check_scoring(cfg)
+
+
+def test_the_report_says_what_was_estimated_and_that_the_best_is_a_full_score(tmp_path):
+    from evomerge.cli import main
+
+    run(tmp_path / "a", strategy=CMAES, scoring={"subsample": 8}, budget={"max_evals": 48})
+    assert main(["report", str(tmp_path / "a")]) == 0
+    text = (tmp_path / "a" / "report" / "report.md").read_text()
+    assert "| examples scored | " in text and "48 estimates told (subset of 8)" in text
+    assert "scored on all examples" in text

@@ -41,6 +41,8 @@ def run_facts(run: Run) -> dict:
         "best_fitness": best.get("fitness", float(run.fitness[best_i]) if best_i >= 0 else None),
         "best_id": best.get("eval_id", int(run.ids[best_i]) if best_i >= 0 else None),
         "holdout": best.get("holdout"),
+        "best_scored_on": best.get("scored_on"),
+        "scoring": s.get("scoring"),
         "time_per_candidate": s.get("time_per_candidate") or _time_per_candidate(run),
     }
 
@@ -78,6 +80,14 @@ def write_markdown(run: Run, facts: dict, images: list[tuple[str, str]], notes: 
         parts = [f"{label} {per[k]:.4g} s" for k, label in labels if per.get(k) is not None]
         rows.append(("time per candidate", ", ".join(parts) + f" (mean of {per.get('candidates', '?')} evaluated)"))
     best = "-" if facts["best_fitness"] is None else f"{facts['best_fitness']:.6g} (eval {facts['best_id']})"
+    sc = facts.get("scoring")
+    if sc:  # scored on subsets / raced: the told fitnesses are estimates; the best is a full score
+        best += f", scored on {facts.get('best_scored_on') or 'all examples'}"
+        rows.append(("examples scored", f"{sc['examples_scored']} of {sc['examples_if_all_scored']} if every "
+                     f"candidate were scored on all {sc['examples']} ({100 * sc['share_scored']:.1f}%); "
+                     f"{sc['estimated']} estimates told (subset of {sc['subsample']}"
+                     + (f", {sc['raced']} stopped by racing after {sc['race_first']}" if sc.get("race_first") else "")
+                     + f"), {len(sc['verified'])} verified on every example"))
     rows.append(("best fitness", best))
     hold = facts.get("holdout")
     if isinstance(hold, dict) and hold:
