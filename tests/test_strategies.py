@@ -75,22 +75,115 @@ def test_search_improves_on_a_toy_problem(name):
     assert best >= 0.75
 
 
-def test_cmaes_is_generational():
-    st = CMAES(CMAESConfig(name="cmaes", popsize=6, diagonal=True), space(), seed=0, run=RunContext())
+def scored(cands):
+    out = []
+    for c in cands:
+        r = score(c.x)
+        r.candidate = c
+        out.append(r)
+    return out
+
+
+def test_cmaes_without_overlap_is_generational():
+    st = CMAES(CMAESConfig(name="cmaes", popsize=6, diagonal=True, overlap=0), space(), seed=0, run=RunContext())
     assert st.generational
     first = st.ask(4)
     rest = st.ask(4)
     assert len(first) == 4 and len(rest) == 2
     assert st.ask(4) == []  # the generation is out: nothing until it is told
-    results = []
-    for c in first + rest:
-        r = score(c.x)
-        r.candidate = c
-        results.append(r)
+    results = scored(first + rest)
     st.tell(results[:3])
     assert st.ask(4) == []
     st.tell(results[3:])
     assert len(st.ask(6)) == 6 and st.es.countiter == 1
+
+
+def test_cmaes_without_overlap_makes_the_calls_of_a_plain_pycma_loop():
+    import cma
+
+    from evomerge.populations.cmaes import Randn
+
+    st = CMAES(CMAESConfig(name="cmaes", popsize=6, x0="zeros", overlap=0), space(), seed=4, run=RunContext(8))
+    es = cma.CMAEvolutionStrategy(np.zeros(DIM), 0.1, {"seed": 4, "randn": Randn(4), "verbose": -9, "popsize": 6})
+    for _ in range(5):
+        xs = es.ask()
+        cands = st.ask(4) + st.ask(4)
+        np.testing.assert_array_equal(np.stack([c.x for c in cands]), np.stack(xs).astype(np.float32))
+        results = scored(cands)
+        es.tell(xs, [-r.fitness for r in results])
+        st.tell(results[::-1])
+    np.testing.assert_array_equal(st.es.mean, es.mean)
+
+
+def test_cmaes_overlap_samples_ahead_and_tells_each_generation_when_complete():
+    st = CMAES(CMAESConfig(name="cmaes", popsize=6, diagonal=True, overlap=2), space(), seed=0, run=RunContext())
+    gens = [st.ask(6) for _ in range(3)]
+    assert [len(g) for g in gens] == [6, 6, 6] and st.ask(6) == []  # at most overlap + 1 generations untold
+    assert [{(c.cohort, c.cohort_size, c.step) for c in g} for g in gens] == [{(k, 6, k)} for k in range(3)]
+    r = [scored(g) for g in gens]
+    st.tell(r[0][:5] + r[1])  # generation 1 is complete before 0: told at once, 0 waits for its last
+    assert st.es.countiter == 1
+    nxt = st.ask(6)
+    assert len(nxt) == 6 and {c.cohort for c in nxt} == {3} and st.ask(6) == []
+    st.tell(r[0][5:])
+    assert st.es.countiter == 2 and len(st.ask(3)) == 3
+    st.tell(r[2] + scored(nxt))
+    assert st.es.countiter == 4 and st.summary()["overlap"] == 2
+
+
+def test_cmaes_default_overlap_is_sized_from_the_parallelism():
+    def ahead(parallelism, popsize):
+        cfg = CMAESConfig(name="cmaes", popsize=popsize, diagonal=True)
+        return CMAES(cfg, space(), seed=0, run=RunContext(parallelism=parallelism)).pipeline.ahead
+
+    assert ahead(16, 8) == 2 and ahead(6, 12) == 1 and ahead(1, 6) == 1 and ahead(40, 8) == 5
+
+
+@pytest.mark.parametrize("popsize,options", [(4, {}), (8, {}), (4, {"CMA_mirrors": 1})])
+def test_cmaes_overlap_survives_any_completion_order(popsize, options):
+    # popsize 4: pycma would mirror (off by default with overlap); CMA_mirrors set: on, unused mirrors dropped
+    st = CMAES(CMAESConfig(name="cmaes", popsize=popsize, overlap=3, options=options), space(), seed=1,
+               run=RunContext())
+    assert bool(st.es.sp.lam_mirr) == bool(options)
+    rng = np.random.default_rng(0)
+    pending = []
+    for _ in range(200):
+        pending += scored(st.ask(int(rng.integers(1, 4))))
+        rng.shuffle(pending)
+        k = int(rng.integers(0, len(pending) + 1))
+        st.tell(pending[:k])
+        pending = pending[k:]
+    assert st.es.countiter > 20 and np.all(np.isfinite(st.es.mean))
+
+
+def test_cmaes_loads_a_checkpoint_from_before_overlap():
+    cfg = CMAESConfig(name="cmaes", popsize=6, diagonal=True)
+    ref = CMAES(cfg.model_copy(update={"overlap": 0}), space(), seed=2, run=RunContext())
+    drive(ref, 2)  # generation 0 told
+    sent = ref.ask(4)
+    g = ref.pipeline.gens[0]
+    old = {"es": pickle.dumps(ref.es), "generation": [x.copy() for x in g.xs], "fitness": list(g.f), "sent": g.sent}
+    st = CMAES(cfg, space(), seed=9, run=RunContext(parallelism=16))
+    st.load_state_dict(pickle.loads(pickle.dumps(old)))
+    assert st.pipeline.ahead == 0  # that run resumes as it began, generational
+    for c in sent:  # asked by the old code: tags were bare indices
+        c.tag = c.tag[1]
+    for a in (ref, st):
+        rest = a.ask(4)
+        assert len(rest) == 2 and a.ask(4) == []
+        a.tell(scored(sent + rest))
+    np.testing.assert_array_equal(ref.es.mean, st.es.mean)
+    np.testing.assert_array_equal(np.stack([c.x for c in ref.ask(6)]), np.stack([c.x for c in st.ask(6)]))
+
+
+def test_cmaes_overlap_refuses_tpa():
+    from cma.sigma_adaptation import CMAAdaptSigmaTPA
+
+    with pytest.raises(UserError, match="strategy.overlap: 0"):
+        CMAES(CMAESConfig(name="cmaes", popsize=6, options={"AdaptSigma": CMAAdaptSigmaTPA}), space(), seed=0,
+              run=RunContext())
+    CMAES(CMAESConfig(name="cmaes", popsize=6, overlap=0, options={"AdaptSigma": CMAAdaptSigmaTPA}), space(),
+          seed=0, run=RunContext())
 
 
 def test_full_covariance_refused_when_it_cannot_fit():
