@@ -27,6 +27,7 @@ SECTION_TEXT = {
     "fitness": "what a candidate is scored on (per-example scores plus named metrics)",
     "engine": "Ray workers, batching, failures and checkpoints",
     "budget": "when the search stops (whichever limit comes first)",
+    "scoring": "example subsets and racing: cheaper fitness, with the best always scored on every example",
 }
 
 
@@ -178,7 +179,7 @@ def config_reference() -> list[str]:
         lines += [f"#### `{section}`: {SECTION_TEXT[section]}", ""]
         for name, (cfg_cls, _) in registry.items():
             _model_section(section, f"`{section}` with `name: {name}`", cfg_cls, lines, skip=("name",), done=done)
-    for section in ("engine", "budget"):
+    for section in ("engine", "budget", "scoring"):
         field = RunConfig.model_fields[section]
         _model_section(section, f"`{section}`: {SECTION_TEXT[section]}", field.annotation, lines, done=done)
     return lines
