@@ -67,6 +67,9 @@ class EvoMergingConfig(Frozen):
                             "base on the same examples, Benjamini-Hochberg over all probes, sequential slices; "
                             "gain: a probe's fitness beats the base's by more than min_gain (also used by test "
                             "for a fitness without per-example scores)")
+    per_task: bool = Field(False, description="rule test: test each probe on each task separately (hypotheses: "
+                                             "probes x tasks; an expert is kept when one of its probes helps "
+                                             "one task significantly), or on all examples pooled")
     fdr: float = Field(0.1, gt=0, lt=1, description="rule test: the false-discovery rate Benjamini-Hochberg "
                                                     "controls over all probes")
     slices: int = Field(4, ge=1, description="rule test: the search examples are cut into this many random "
@@ -202,7 +205,16 @@ class EvoMerging(Strategy):
         self.probe_fit: list[float | None] = [None] * len(self.probes)
         self.scores = np.full((len(self.probes), n), np.nan)  # per probe (0: the base), per search example
         self.failed = np.zeros(len(self.probes), bool)
-        self.status = np.zeros(len(self.probes), np.int8)  # 0 undecided, 1 kept, -1 dropped (probes 1..)
+        # the hypotheses: per probe (1..), per group of examples (each task, or all of them pooled)
+        if self.counts is not None and cfg.per_task and len(self.counts) > 1:
+            edges = np.concatenate([[0], np.cumsum(self.counts)])
+            self.groups = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        else:
+            self.groups = [(0, n)]
+        self.G = len(self.groups)
+        # per hypothesis (probe j >= 1, group g at (j - 1) * G + g): 0 undecided, 1 kept early, -1 cannot be
+        # kept, -2 dropped by futility, -3 failed
+        self.status = np.zeros((len(self.probes) - 1) * self.G, np.int8)
         self.used = 0  # examples scored in stage 1 (requested)
         self.rounds = 0  # rounds of stage 1 asked
         self.queue: list[tuple[int, np.ndarray | None]] = []  # this round's (probe, examples)
@@ -244,45 +256,51 @@ class EvoMerging(Strategy):
         self.used += sum(self.n_examples if ex is None else ex.size for _, ex in jobs)
 
     def _tally(self) -> dict[str, np.ndarray]:
-        """Per probe 1..: wins and losses against the base so far; where a win / a loss was possible on
-        the examples seen (`win_room`, `lose_room`) and still is on the unscored ones (`can_win`,
-        `can_lose`; with 0/1 scores an example the base got right cannot be won, nor one it got wrong
-        lost); and the sign test's p now, at the best case and at the worst case of the unscored."""
+        """Per hypothesis (probe, group of examples): wins and losses against the base so far; where a
+        win / a loss was possible on the examples seen (`win_room`, `lose_room`) and still is on the
+        unscored ones (`can_win`, `can_lose`; with 0/1 scores an example the base got right cannot be
+        won, nor one it got wrong lost); and the sign test's p now, at the best case and at the worst
+        case of the unscored."""
         base = self.scores[0]
         avail = ~np.isnan(base)
         binary = bool(np.all(np.isin(self.scores[~np.isnan(self.scores)], (0.0, 1.0))))
-        P = len(self.probes) - 1
-        t = {k: np.zeros(P, np.int64) for k in ("wins", "losses", "seen", "win_room", "lose_room", "can_win",
-                                                 "can_lose")}
+        P, G = len(self.probes) - 1, self.G
+        t = {k: np.zeros(P * G, np.int64) for k in ("wins", "losses", "seen", "win_room", "lose_room", "can_win",
+                                                     "can_lose")}
+        n = self.scores.shape[1]
         for j in range(P):
             s = self.scores[j + 1]
-            seen = avail & ~np.isnan(s)
-            rest = avail & np.isnan(s) & ~self.failed[j + 1]
-            d = s[seen] - base[seen]
-            t["wins"][j], t["losses"][j], t["seen"][j] = np.sum(d > 0), np.sum(d < 0), seen.sum()
-            if binary:
-                t["win_room"][j], t["lose_room"][j] = np.sum(base[seen] < 1), np.sum(base[seen] > 0)
-                t["can_win"][j], t["can_lose"][j] = np.sum(base[rest] < 1), np.sum(base[rest] > 0)
-            else:
-                t["win_room"][j] = t["lose_room"][j] = seen.sum()
-                t["can_win"][j] = t["can_lose"][j] = rest.sum()
+            for g, (lo_, hi_) in enumerate(self.groups):
+                grp = np.zeros(n, bool)
+                grp[lo_:min(hi_, n) if self.n_examples else n] = True
+                seen = grp & avail & ~np.isnan(s)
+                rest = grp & avail & np.isnan(s) & ~self.failed[j + 1]
+                d = s[seen] - base[seen]
+                h = j * G + g
+                t["wins"][h], t["losses"][h], t["seen"][h] = np.sum(d > 0), np.sum(d < 0), seen.sum()
+                if binary:
+                    t["win_room"][h], t["lose_room"][h] = np.sum(base[seen] < 1), np.sum(base[seen] > 0)
+                    t["can_win"][h], t["can_lose"][h] = np.sum(base[rest] < 1), np.sum(base[rest] > 0)
+                else:
+                    t["win_room"][h] = t["lose_room"][h] = seen.sum()
+                    t["can_win"][h] = t["can_lose"][h] = rest.sum()
         w, lo = t["wins"], t["losses"]
         t["p"] = np.array([sign_test_p(int(a), int(b)) for a, b in zip(w, lo)])
         t["best"] = np.array([sign_test_p(int(a + c), int(b)) for a, b, c in zip(w, lo, t["can_win"])])
         t["worst"] = np.array([sign_test_p(int(a), int(b + c)) for a, b, c in zip(w, lo, t["can_lose"])])
-        out = self.status[1:] < 0  # dropped: never kept, p 1 for BH
+        out = self.status < 0  # dropped: never kept, p 1 for BH
         t["best"][out] = t["worst"][out] = 1.0
         return t
 
-    def _reach(self, t: dict[str, np.ndarray], j: int) -> float:
-        """The predictive probability, from probe j's own scores so far (a uniform prior on its chance
-        of winning where it can win, and of losing where it can lose), that its sign test on all its
-        examples reaches p <= fdr (the most lenient threshold BH can give)."""
+    def _reach(self, t: dict[str, np.ndarray], h: int) -> float:
+        """The predictive probability, from hypothesis h's own scores so far (a uniform prior on the
+        probe's chance of winning where it can win, and of losing where it can lose), that its sign test
+        on all its examples reaches p <= fdr (the most lenient threshold BH can give)."""
         if self._crit is None:
             self._crit = sign_test_critical(max(self.n_examples, 1), self.cfg.fdr)
-        w, lo = int(t["wins"][j]), int(t["losses"][j])
-        pw = beta_binomial(int(t["can_win"][j]), 1 + w, 1 + int(t["win_room"][j]) - w)
-        pl = beta_binomial(int(t["can_lose"][j]), 1 + lo, 1 + int(t["lose_room"][j]) - lo)
+        w, lo = int(t["wins"][h]), int(t["losses"][h])
+        pw = beta_binomial(int(t["can_win"][h]), 1 + w, 1 + int(t["win_room"][h]) - w)
+        pl = beta_binomial(int(t["can_lose"][h]), 1 + lo, 1 + int(t["lose_room"][h]) - lo)
         W, L = np.arange(pw.size)[:, None], np.arange(pl.size)[None, :]
         n = np.minimum(w + lo + W + L, self._crit.size - 1)
         return float(pw @ ((w + W) >= self._crit[n]).astype(np.float64) @ pl)
@@ -298,16 +316,16 @@ class EvoMerging(Strategy):
             return
         t = self._tally()
         sure_keep, may_keep = bh_reject(t["worst"], self.cfg.fdr), bh_reject(t["best"], self.cfg.fdr)
-        st = self.status[1:]  # a view: decided probes stay decided
-        st[(st == 0) & self.failed[1:]] = -3
+        st = self.status  # decided hypotheses stay decided
+        st[(st == 0) & np.repeat(self.failed[1:], self.G)] = -3
         st[(st == 0) & sure_keep] = 1
         st[(st == 0) & ~may_keep] = -1
         nxt = self.rounds  # slice index of the next round (round r scored slice r - 1)
         if self.cfg.futility > 0 and nxt < len(self.slice_ix):
-            for j in np.nonzero(st == 0)[0]:
-                if self._reach(t, int(j)) < self.cfg.futility:
-                    st[j] = -2
-        open_ = [j + 1 for j in range(P) if st[j] == 0]
+            for h in np.nonzero(st == 0)[0]:
+                if self._reach(t, int(h)) < self.cfg.futility:
+                    st[h] = -2
+        open_ = [j + 1 for j in range(P) if (st[j * self.G:(j + 1) * self.G] == 0).any()]
         if not open_ or nxt >= len(self.slice_ix):
             self._decide_by_test()
             return
@@ -323,9 +341,9 @@ class EvoMerging(Strategy):
 
     def _decide_by_test(self) -> None:
         t = self._tally()
-        st = self.status[1:]
-        # what BH decides on: p on all examples (or, the budget spent, on those it has); the worst case
-        # for a probe kept early; 1 for a dropped one
+        st, G = self.status, self.G
+        # what BH decides on, per hypothesis: p on all examples (or, the budget spent, on those it has);
+        # the worst case for one kept early; 1 for a dropped one
         p_bh = np.where(st == 1, t["worst"], np.where(st < 0, 1.0, t["p"]))
         keep = bh_reject(p_bh, self.cfg.fdr)
         adj = bh_adjust(p_bh)
@@ -337,13 +355,21 @@ class EvoMerging(Strategy):
             s = self.scores[j + 1]
             seen = ~np.isnan(s) & ~np.isnan(base)
             gain = float(np.mean(s[seen] - base[seen])) if seen.any() else float("nan")
-            rest = int(t["can_win"][j] + t["can_lose"][j]) if st[j] == 0 else 0
-            per[self._name(j)] = {
-                "wins": int(t["wins"][j]), "losses": int(t["losses"][j]), "examples": int(seen.sum()),
-                "gain": round(gain, 6), "p": float(t["p"][j]), "p_bh": float(p_bh[j]), "p_adj": float(adj[j]),
-                "kept": bool(keep[j]), "decided": how.get(int(st[j]), "budget spent" if rest else "all examples")}
+            hyp = []
+            for g in range(G):
+                h = j * G + g
+                rest = int(t["can_win"][h] + t["can_lose"][h]) if st[h] == 0 else 0
+                hyp.append({"wins": int(t["wins"][h]), "losses": int(t["losses"][h]), "p": float(t["p"][h]),
+                            "p_bh": float(p_bh[h]), "p_adj": float(adj[h]), "kept": bool(keep[h]),
+                            "decided": how.get(int(st[h]), "budget spent" if rest else "all examples")})
+            top = min(range(G), key=lambda g: (adj[j * G + g], p_bh[j * G + g]))
+            rec = {**hyp[top], "examples": int(seen.sum()), "gain": round(gain, 6),
+                   "kept": any(x["kept"] for x in hyp)}
+            if G > 1:
+                rec.update(task=top, tasks=hyp)
+            per[self._name(j)] = rec
             fit = self.probe_fit[j + 1]
-            key = (not keep[j], p_bh[j], t["p"][j], -gain if np.isfinite(gain) else np.inf,
+            key = (not rec["kept"], rec["p_bh"], rec["p"], -gain if np.isfinite(gain) else np.inf,
                    -fit if fit is not None and np.isfinite(fit) else np.inf)
             if e not in best_probe or key < best_probe[e][0]:
                 best_probe[e] = (key, j)
@@ -355,7 +381,8 @@ class EvoMerging(Strategy):
             kept = kept[:self.cfg.max_keep]
         self.kept = kept or order[:1]
         self.tests = {"test": "one-sided exact sign test vs the base, Benjamini-Hochberg", "fdr": self.cfg.fdr,
-                      "futility": self.cfg.futility, "significant": int(keep.sum()), "rounds": self.rounds,
+                      "futility": self.cfg.futility, "hypotheses": "probe x task" if G > 1 else "probe",
+                      "significant": int(sum(r["kept"] for r in per.values())), "rounds": self.rounds,
                       "examples_scored": int(self.used), "probe_budget": int(self.budget),
                       "base_failed": bool(self.failed[0]), "probes": per}
         self._start_cma()
@@ -498,7 +525,7 @@ class EvoMerging(Strategy):
         undecided, experts kept, and in stage 2 CMA-ES's sigma, generation and last generation's fitness."""
         out = {"stage": 1.0 if self.es is None else 2.0}
         if self.kept is None:
-            out.update(round=float(self.rounds), undecided=float(np.sum(self.status[1:] == 0)))
+            out.update(round=float(self.rounds), undecided=float(np.sum(self.status == 0)))
         if self.kept is not None:
             out["kept"] = float(len(self.kept))
         if self.es is not None:

@@ -48,6 +48,7 @@ def make(experts=32, counts=COUNTS, seed=0, **cfg):
     info = SpaceInfo(dim=experts, seeds=(np.zeros(experts, np.float32),), lower=np.full(experts, -1.0),
                      upper=np.full(experts, 1.0), layout=tuple(("all", "weight", e) for e in names))
     run = RunContext(parallelism=4, example_counts=None if counts is None else tuple(counts))
+    cfg.setdefault("per_task", False)
     return EvoMerging(EvoMergingConfig(name="evo_merging", popsize=6, **cfg), info, seed, run), names
 
 
@@ -73,13 +74,16 @@ def stage1(st, names, base, probes, batch=7, log=None):
     return st
 
 
-def full_bh(base, probes, st, q):
-    """The reference: every probe scored on every example, the sign test, BH at q: the kept probes."""
+def full_bh(base, probes, st, q, per_task=False):
+    """The reference: every probe scored on every example, the sign test (per task, or pooled), BH at q:
+    the kept probes."""
     keys, ps = [], []
+    groups = [(0, 16), (16, 32), (32, 48)] if per_task else [(0, 48)]
     for e, v in st.probes[1:]:
-        d = probes[(e, 1 if v > 0 else -1)] - base
-        keys.append((e, 1 if v > 0 else -1))
-        ps.append(sign_test_p(int(np.sum(d > 0)), int(np.sum(d < 0))))
+        for lo, hi in groups:
+            d = (probes[(e, 1 if v > 0 else -1)] - base)[lo:hi]
+            keys.append((e, 1 if v > 0 else -1))
+            ps.append(sign_test_p(int(np.sum(d > 0)), int(np.sum(d < 0))))
     return {k for k, r in zip(keys, bh_reject(np.array(ps), q)) if r}
 
 
@@ -98,10 +102,11 @@ def test_sign_test_and_benjamini_hochberg():
     assert not bh_reject(np.array([0.2, 0.3]), 0.1).any()
 
 
+@pytest.mark.parametrize("per_task", [True, False])
 @pytest.mark.parametrize("seed", range(5))
-def test_stage1_keeps_exactly_the_planted_experts_with_their_signs(seed):
+def test_stage1_keeps_exactly_the_planted_experts_with_their_signs(seed, per_task):
     base, probes = pool(seed)
-    st, names = make(seed=seed)
+    st, names = make(seed=seed, per_task=per_task)
     stage1(st, names, base, probes)
     s = st.summary()
     assert sorted(s["kept"]) == sorted(PLANTED), s["tests"]["significant"]
@@ -112,6 +117,9 @@ def test_stage1_keeps_exactly_the_planted_experts_with_their_signs(seed):
         assert r["kept"] == (r["p_adj"] <= 0.1) == (name in {f"{e}{'+' if v > 0 else '-'}"
                                                               for e, (_, v) in PLANTED.items()})
         assert r["p"] == pytest.approx(sign_test_p(r["wins"], r["losses"]))
+        if per_task:  # the record of its most significant task, and each task's test
+            assert len(r["tasks"]) == 3 and r["p_adj"] == min(x["p_adj"] for x in r["tasks"])
+    assert t["hypotheses"] == ("probe x task" if per_task else "probe")
     # the sequential step saved examples (futility drops, early decisions): less than every probe on everything
     assert t["examples_scored"] < 0.8 * t["probe_budget"] and t["probe_budget"] == 65 * 48
     assert "dropped: futility" in {r["decided"] for r in t["probes"].values()}
@@ -126,6 +134,11 @@ def test_without_futility_the_decisions_are_bh_on_every_example_and_only_the_und
     kept_probes = {(e, 1 if v > 0 else -1) for e, v in
                    ((st.probes[j + 1]) for j, r in enumerate(st.tests["probes"].values()) if r["kept"])}
     assert kept_probes == full_bh(base, probes, st, 0.2)
+    st2, _ = make(seed=seed, fdr=0.2, futility=0, per_task=True)
+    stage1(st2, names, base, probes)
+    kept_probes = {(e, 1 if v > 0 else -1) for e, v in
+                   ((st2.probes[j + 1]) for j, r in enumerate(st2.tests["probes"].values()) if r["kept"])}
+    assert kept_probes == full_bh(base, probes, st2, 0.2, per_task=True)
     # round 1: the base on all 48 examples, every probe on the first slice (a stratified quarter)
     first = log[1]
     assert len(first) == 65 and first[0].tag[1] == 0 and first[0].examples.tolist() == list(range(48))
@@ -160,11 +173,12 @@ def test_without_futility_the_decisions_are_bh_on_every_example_and_only_the_und
     assert len(log) > 1  # the pool had undecided probes after the first slice
 
 
-def test_fdr_is_controlled_over_many_pools():
+@pytest.mark.parametrize("per_task", [True, False])
+def test_fdr_is_controlled_over_many_pools(per_task):
     fdp, power = [], []
     for seed in range(60):
         base, probes = pool(1000 + seed, max_flips=14)
-        st, names = make(seed=seed, fdr=0.1)
+        st, names = make(seed=seed, fdr=0.1, per_task=per_task)
         stage1(st, names, base, probes, batch=65)
         kept = [n for n, r in st.tests["probes"].items() if r["kept"]]
         true = {f"{e}{'+' if v > 0 else '-'}" for e, (_, v) in PLANTED.items()}
