@@ -19,7 +19,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="eval", file=self.stream, dynamic_ncols=True, smoothing=0.1)
 
-    def update(self, done: int, best: float, rate: float) -> None:
+    def update(self, done: int, best: float, rate: float, label: str = "best") -> None:
         if not self.enabled:
             return
         now = time.monotonic()
@@ -28,22 +28,22 @@ class Progress:
         self.last = now
         if self.bar is not None:
             self.bar.n = done
-            self.bar.set_postfix_str(f"best {best:.4f}", refresh=False)
+            self.bar.set_postfix_str(f"{label} {best:.4f}", refresh=False)
             self.bar.refresh()
         else:
-            self.line(done, best, rate)
+            self.line(done, best, rate, label)
 
-    def line(self, done: int, best: float, rate: float) -> None:
+    def line(self, done: int, best: float, rate: float, label: str = "best") -> None:
         total = f"/{self.total}" if self.total else ""
-        print(f"evals {done}{total}  best {best:.4f}  {rate_text(rate)} evals/s", file=self.stream, flush=True)
+        print(f"evals {done}{total}  {label} {best:.4f}  {rate_text(rate)} evals/s", file=self.stream, flush=True)
 
-    def close(self, done: int, best: float, rate: float) -> None:
+    def close(self, done: int, best: float, rate: float, label: str = "best") -> None:
         if self.bar is not None:
             self.bar.n = done
-            self.bar.set_postfix_str(f"best {best:.4f}")
+            self.bar.set_postfix_str(f"{label} {best:.4f}")
             self.bar.close()
         elif self.enabled:
-            self.line(done, best, rate)
+            self.line(done, best, rate, label)
 
 
 def rate_text(rate: float) -> str:

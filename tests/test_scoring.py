@@ -157,7 +157,7 @@ def test_m2n2_takes_one_subset_for_the_run(tmp_path):
 
 
 def test_a_fitness_that_cannot_score_subsets_is_refused():
-    cfg = validate({"space": {"name": "digits"}, "strategy": {"name": "random"},
+    cfg = validate({"space": {"name": "digits_mlp"}, "strategy": {"name": "random"},
                     "fitness": {"name": "digits"}, "scoring": {"subsample": 0.5}})
     with pytest.raises(UserError, match="scoring.subsample: fitness digits cannot score a subset"):
         check_scoring(cfg)

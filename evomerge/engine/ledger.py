@@ -314,6 +314,12 @@ class Ledger:
         self.estimates.sort(key=lambda e: -e["fitness"])
         del self.estimates[self.verify_top:]
 
+    def shown_best(self) -> tuple[str, float]:
+        """What a progress line shows: the best full score, else (scoring on subsets) the best estimate."""
+        if self.best["id"] is None and self.estimates:
+            return "best estimate", self.estimates[0]["fitness"]
+        return "best", self.best["fitness"]
+
     def to_verify(self) -> list[Job]:
         """Jobs re-scoring, on every example, the kept estimates not verified yet (see Engine.verify)."""
         out = []

@@ -293,7 +293,7 @@ class Engine:
                 continue  # raced members waited for a cohort that is not coming
             self._wait()
             rate = (ledger.counts["told"] - told_at_start) / max(time.perf_counter() - self.session_start, 1e-9)
-            progress.update(ledger.counts["told"], ledger.best["fitness"], rate)
+            progress.update(ledger.counts["told"], ledger.shown_best()[1], rate, ledger.shown_best()[0])
 
         if ledger.estimates and self.stop_reason not in NO_BEST:
             self.verify()
@@ -301,7 +301,8 @@ class Engine:
         search_seconds = self.elapsed()
         driver_cpu = time.process_time() - cpu_start
         done_now = ledger.counts["told"] - told_at_start
-        progress.close(ledger.counts["told"], ledger.best["fitness"], done_now / max(session_seconds, 1e-9))
+        progress.close(ledger.counts["told"], ledger.shown_best()[1], done_now / max(session_seconds, 1e-9),
+                       ledger.shown_best()[0])
         self._stats()  # the state at the end (unless the last line already shows it)
         self._checkpoint()
         self.session_start = None
