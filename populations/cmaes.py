@@ -34,8 +34,10 @@ Rosenbrock 12.0 -> 15.1, ellipsoid 70 -> 225 (higher is worse), the synthetic fi
 short of those values). `overlap: 0` when evaluations, not time, are the budget and precise convergence
 matters.
 Figures with the real engine: bench/cmaes_overlap.py and bench/long_runs.py (bench/results/).
-The default k is ceil(parallelism / popsize) (parallelism: candidates the engine keeps outstanding), at
-least 1: enough generations for every slot the engine fills, and no more (each further one is staler).
+The default k is ceil(1.5 x parallelism / popsize) (parallelism: candidates the engine keeps outstanding,
+workers x queue_depth x batch_size), at least 1: the generations the engine's outstanding candidates span,
+and half as many again for the stragglers and what is queued behind them (ceil(parallelism / popsize)
+left CMA-ES popsize 8 on 8 workers with queue_depth 2 at 68%); no more, since each further one is staler.
 `GenerationPipeline` is the piece, reusable by any strategy that drives a pycma instance.
 """
 from __future__ import annotations
@@ -75,7 +77,7 @@ class CMAESConfig(Frozen):
                                 "finish, so workers do not wait for a generation's slowest candidate; each is told "
                                 "to pycma whole once complete (its samples may be a few updates old: a slight lag "
                                 "of the search per evaluation, see populations/cmaes.py). 0: generational CMA-ES "
-                                "(workers idle behind each generation); default ceil(parallelism / popsize)")
+                                "(workers idle behind each generation); default ceil(1.5 x parallelism / popsize)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra pycma options")
 
 
@@ -94,8 +96,10 @@ def full_covariance_bytes(dim: int) -> int:
 
 
 def default_overlap(parallelism: int, popsize: int) -> int:
-    """Generations to sample ahead: enough for the engine's outstanding candidates, at least 1."""
-    return max(1, math.ceil(parallelism / popsize))
+    """Generations to sample ahead: the engine's outstanding candidates span parallelism / popsize
+    generations, and half as many again absorb the stragglers (and candidates queued behind them on a
+    worker, queue_depth > 1); at least 1. Measured: bench/cmaes_overlap.py, populations/cmaes.py."""
+    return max(1, math.ceil(1.5 * parallelism / popsize))
 
 
 @dataclass

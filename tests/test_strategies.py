@@ -136,7 +136,7 @@ def test_cmaes_default_overlap_is_sized_from_the_parallelism():
         cfg = CMAESConfig(name="cmaes", popsize=popsize, diagonal=True)
         return CMAES(cfg, space(), seed=0, run=RunContext(parallelism=parallelism)).pipeline.ahead
 
-    assert ahead(16, 8) == 2 and ahead(6, 12) == 1 and ahead(1, 6) == 1 and ahead(40, 8) == 5
+    assert ahead(16, 8) == 3 and ahead(8, 8) == 2 and ahead(6, 12) == 1 and ahead(1, 6) == 1
 
 
 @pytest.mark.parametrize("popsize,options", [(4, {}), (8, {}), (4, {"CMA_mirrors": 1})])
