@@ -108,6 +108,145 @@ def test_switching_between_cached_merges_copies_instead_of_merging(server):
     assert after["merges"] == before["merges"] and after["merge_cache_hits"] - before["merge_cache_hits"] == 3
 
 
+# a mix of prompt lengths, stops, max_tokens, logprobs and echo (the tiny tokenizer: one token per character)
+MIX = [dict(prompt="1+2=", max_tokens=4), dict(prompt="12+34+5=", max_tokens=6, stop=["3"]),
+       dict(prompt="7=", max_tokens=1, logprobs=2), dict(prompt="9+9+9+9+9+9=", max_tokens=5, stop="=", logprobs=0),
+       dict(prompt="3+4=7", max_tokens=0, echo=True, logprobs=0),
+       dict(prompt="5+", max_tokens=3, echo=True, logprobs=1),
+       dict(prompt="0", max_tokens=8, stop=["1", "2"]), dict(prompt="abc+def=", max_tokens=2, logprobs=3)]
+
+
+def answers(c, requests, extra=None, threads=1) -> list[tuple]:
+    """(text, finish_reason, completion tokens, tokens, logprobs) of each request, `threads` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(kw):
+        r = c.completions.create(model="base", temperature=0, extra_body=extra, **kw).choices[0]
+        lp = r.logprobs
+        return (r.text, r.finish_reason, lp and lp.tokens, lp and lp.token_logprobs, lp and lp.top_logprobs)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, requests))
+
+
+def same(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g[:3] == w[:3]  # the same text, finish_reason and tokens
+        assert (g[3] is None) == (w[3] is None) and g[3] == pytest.approx(w[3], abs=1e-4, nan_ok=True)
+        for tg, tw in zip(g[4] or [], w[4] or [], strict=True):
+            assert (tg is None) == (tw is None) and (tg is None or tg == pytest.approx(tw, abs=1e-4))
+
+
+def test_concurrent_greedy_requests_answer_as_one_at_a_time(server):
+    c = client(server)
+    alone = answers(c, MIX)
+    assert [a[1] for a in alone].count("stop") >= 1 and alone[4][0] == "3+4=7"
+    same(answers(c, MIX * 3, threads=12), alone * 3)
+    merged = {"merge": {"weights": {"a": 0.6, "c": -0.3}}}
+    alone_merged = answers(c, MIX, merged)
+    assert alone_merged != alone
+    # two merges at once: each request is answered by its own merge, whatever it was batched with
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        both = [pool.submit(answers, c, MIX * 2, extra, 8) for extra in (None, merged)]
+        same(both[0].result(), alone * 2)
+        same(both[1].result(), alone_merged * 2)
+    h = health(server)
+    assert h["batches"] >= 1 and h["batched_rows"] >= 5 * len(MIX) and h["largest_batch"] >= 1
+
+
+def test_a_multi_prompt_completion_is_one_batch_answering_as_each_prompt_alone(server):
+    c = client(server)
+    prompts = ["1+2=", "12+34+5=", "7=", "9+9+9+9+9+9="]
+    alone = [c.completions.create(model="a", prompt=p, max_tokens=5, temperature=0, logprobs=1) for p in prompts]
+    before = health(server)
+    r = c.completions.create(model="a", prompt=prompts, max_tokens=5, temperature=0, logprobs=1)
+    after = health(server)
+    assert after["batches"] - before["batches"] == 1 and after["batched_rows"] - before["batched_rows"] == 4
+    assert after["requests"] - before["requests"] == 4 and after["largest_batch"] >= 4
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    for ch, a in zip(r.choices, alone):
+        assert ch.text == a.choices[0].text and ch.finish_reason == a.choices[0].finish_reason
+        assert ch.logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-4)
+    seeded = dict(model="a", max_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+    one = c.completions.create(prompt="1+2=", **seeded).choices[0].text
+    assert c.completions.create(prompt=["1+2=", "12+34+5="], **seeded).choices[0].text == one  # its own seed
+
+
+def test_a_merge_the_scheduler_cannot_build_fails_its_requests_only(server, family):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evomerge.config import load_config
+    from evomerge.spaces import build_space
+
+    import openai
+
+    cfg = load_config(family / "serve.yaml")
+    space = build_space(cfg.space, cfg.seed)
+    recipe = space.decode((space.lower + space.upper) / 2)
+    for g in recipe["groups"].values():
+        g["weight"] = g["weight"][:1]  # one weight for three experts: refused by the merge itself
+    c = client(server)
+
+    def bad():
+        with pytest.raises(openai.BadRequestError, match="merge: cannot build this merge"):
+            c.completions.create(model="base", prompt="1+2=", max_tokens=2, extra_body={"merge": {"recipe": recipe}})
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(answers, c, MIX[:3]) for _ in range(2)]
+        assert all(pool.map(lambda _: bad(), range(4)))
+        assert [g.result() for g in good] == [answers(c, MIX[:3])] * 2
+
+
+def test_the_scheduler_serves_merges_fifo_and_batches_within_the_caps():
+    """ModelHost._pick alone: the rows of one merge in arrival order, FIFO by merge, the held merge keeping
+    the model one more batch at most, within max_batch_rows and max_batch_tokens."""
+    import threading
+
+    from evomerge.serve.batch import Row
+    from evomerge.serve.host import ModelHost, _Job
+
+    host = ModelHost.__new__(ModelHost)
+    host.cv, host.pending, host._seq, host._picked_at = threading.Condition(), [], 0, 0
+    host.current, host.max_batch_rows, host.max_batch_tokens = None, 32, 16384
+
+    def send(key, *lengths, new=4):
+        job = _Job(key, {}, [Row([1] * n, new) for n in lengths])
+        for i in range(len(lengths)):
+            host.pending.append((host._seq, job, i))
+            host._seq += 1
+
+    def pick():
+        batch = host._pick()
+        host.current = batch[0][1].key  # the scheduler then holds this merge
+        return [(job.key, seq) for seq, job, _ in batch]
+
+    send("A", 3, 5)
+    send("B", 2)
+    send("A", 4)
+    assert pick() == [("A", 0), ("A", 1), ("A", 3)]  # every waiting row of the oldest merge
+    send("A", 2)  # more of the held merge, but B has waited through a whole batch: B's turn
+    assert pick() == [("B", 2)]
+    assert pick() == [("A", 4)]
+    send("C", 2)  # C arrives during A's batch: A keeps the model one more batch...
+    send("A", 3)
+    assert pick() == [("A", 6)]
+    send("A", 1)
+    assert pick() == [("C", 5)]  # ...then C, which has waited through it, before A's newer row
+    assert pick() == [("A", 7)] and not host.pending
+    host.max_batch_rows = 2
+    send("A", *[1] * 5)
+    assert [len(host._pick()) for _ in range(3)] == [2, 2, 1]
+    host.max_batch_rows, host.max_batch_tokens = 32, 30  # rows x (longest prompt + most new tokens)
+    send("A", 60, 1, 1)  # a row over the cap still goes alone
+    assert [len(host._pick()) for _ in range(2)] == [1, 2]
+    send("A", 2, 2, 2, 2, 2, 2)  # (2 + 4) x 5 = 30
+    assert [len(host._pick()) for _ in range(2)] == [5, 1] and not host.pending
+
+
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     import openai
 

@@ -152,6 +152,13 @@ def test_a_port_out_of_range_is_one_line(family, tmp_path, port):  # noqa: F811
     assert r.stderr.strip().splitlines() == [f"error: --port {port}: must lie in 1..65535 (or 0: a free port)"]
 
 
+@pytest.mark.parametrize("option", ["--max-batch-rows", "--max-batch-tokens"])
+def test_a_batch_cap_below_one_is_one_line(family, tmp_path, option):  # noqa: F811
+    r = serve(family, option, "0", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"error: {option} 0: must be >= 1"]
+
+
 def test_a_port_in_use_is_one_line_and_nothing_claims_to_serve(family, tmp_path):  # noqa: F811
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -21,10 +21,15 @@ max_tokens, a completion takes 16 tokens or what the context leaves). Errors use
 wrong API key (`--api-key-env NAME`), 404 for an unknown model; anything unexpected is a 500 answer,
 never a crash of the server.
 
+Requests that arrive together for the same merge are answered together: one batched generation over
+their prompts (a multi-prompt completion's too), at most --max-batch-rows rows (default 32) and
+--max-batch-tokens padded tokens; a request for another merge waits its turn (FIFO by merge). GET /health
+counts requests, merges, batches, batched_rows and largest_batch.
+
 The package: `evomerge.wire` (the request schema, shared with the API fitness), `host` (ModelHost: the
-resident model, its merge cache, generation), `app` (the FastAPI routes), `faults` (Chaos, injected
-faults), `harness` (LocalServer: a server in a subprocess, for tests and benchmarks) and, here, the
-command line (serve_main).
+resident model, its merge cache, the batch scheduler), `batch` (batched generation), `app` (the FastAPI
+routes), `faults` (Chaos, injected faults), `harness` (LocalServer: a server in a subprocess, for tests and
+benchmarks) and, here, the command line (serve_main).
 """
 from __future__ import annotations
 
@@ -36,11 +41,12 @@ from ..errors import UserError
 from ..wire import MAX_COEFFICIENT
 from .app import create_app
 from .faults import Chaos
-from .host import ModelHost
+from .host import MAX_BATCH_ROWS, MAX_BATCH_TOKENS, ModelHost
 
 
 def serve_main(argv: list[str]) -> int:
-    """`evomerge serve --config X | --run RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]`."""
+    """`evomerge serve --config X | --run RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
+    [--max-batch-rows N] [--max-batch-tokens T]`."""
     from ..command import prog
 
     ap = argparse.ArgumentParser(
@@ -65,6 +71,12 @@ def serve_main(argv: list[str]) -> int:
                     help="keep copies of the last N merges (N model copies of memory; switching back is a copy)")
     ap.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                     help="the longest prompt + max_tokens served (default: the model's max_position_embeddings)")
+    ap.add_argument("--max-batch-rows", type=int, default=MAX_BATCH_ROWS, metavar="N",
+                    help="requests (prompts) for the same merge generated together, at most "
+                         f"(default {MAX_BATCH_ROWS})")
+    ap.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, metavar="TOKENS",
+                    help="a batch's rows x (longest prompt + most new tokens), at most; a lone request always "
+                         f"goes (default {MAX_BATCH_TOKENS})")
     ap.add_argument("--chaos", type=float, default=0.0, metavar="RATE",
                     help="testing clients: fail this fraction of requests (429, 500, timeout, malformed body)")
     ap.add_argument("--chaos-seed", type=int, default=0, help="seed of the injected faults")
@@ -76,6 +88,10 @@ def serve_main(argv: list[str]) -> int:
         raise UserError(f"--chaos {args.chaos}: must lie in [0, 1]")
     if args.merge_cache < 0:
         raise UserError(f"--merge-cache {args.merge_cache}: must be >= 0")
+    if args.max_batch_rows < 1:
+        raise UserError(f"--max-batch-rows {args.max_batch_rows}: must be >= 1")
+    if args.max_batch_tokens < 1:
+        raise UserError(f"--max-batch-tokens {args.max_batch_tokens}: must be >= 1")
     if args.max_context is not None and args.max_context < 1:
         raise UserError(f"--max-context {args.max_context}: must be >= 1")
     api_key = None
@@ -85,7 +101,8 @@ def serve_main(argv: list[str]) -> int:
             raise UserError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
     sock = bind_socket(args.host, args.port)  # a port in use is refused before the model loads
     try:
-        host = build_host(args.config, args.run, args.device, args.merge_cache, args.max_context)
+        host = build_host(args.config, args.run, args.device, args.merge_cache, args.max_context,
+                          args.max_batch_rows, args.max_batch_tokens)
         import uvicorn
 
         sock.listen(2048)
@@ -129,7 +146,8 @@ def bind_socket(host: str, port: int):
 
 
 def build_host(config: str | None, run: str | None, device: str | None, merge_cache: int = 0,
-               max_context: int | None = None) -> ModelHost:
+               max_context: int | None = None, max_batch_rows: int = MAX_BATCH_ROWS,
+               max_batch_tokens: int = MAX_BATCH_TOKENS) -> ModelHost:
     """The ModelHost of a config's hf_merge space (--config), or of a run's, with the run's best recipe as
     model 'merged' (--run); a UserError for anything else."""
     from ..config import load_config
@@ -149,4 +167,4 @@ def build_host(config: str | None, run: str | None, device: str | None, merge_ca
     space.prepare()
     if run:
         _, default = find_recipe(Path(run), None)
-    return ModelHost(space, default, device, merge_cache, max_context)
+    return ModelHost(space, default, device, merge_cache, max_context, max_batch_rows, max_batch_tokens)

@@ -7,6 +7,7 @@ import time
 import uuid
 
 from ..wire import ChatRequest, CompletionRequest, RequestError
+from .batch import Row
 from .faults import Chaos
 from .host import ModelHost
 
@@ -79,7 +80,7 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
 
     @app.get("/health")
     def health():
-        return {"status": "ok", **host.stats, **({"chaos": chaos.counts} if chaos else {})}
+        return {"status": "ok", **host.health(), **({"chaos": chaos.counts} if chaos else {})}
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
@@ -89,13 +90,12 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
             raise RequestError(400, "prompt: empty list", "prompt")
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         # every prompt is measured against the context before any of them reaches the model
-        todo = []
+        rows = []
         for i, p in enumerate(prompts):
             ids = host.prompt_ids(p)
-            todo.append((ids, host.budget(len(ids), req.max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")))
-        for i, (p, (ids, n)) in enumerate(zip(prompts, todo)):
-            r = host.complete(recipe, ids, n, req.temperature, req.top_p, req.stops(), req.seed, req.logprobs,
-                              req.echo)
+            n = host.budget(len(ids), req.max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+            rows.append(Row(ids, n, req.temperature, req.top_p, req.stops(), req.seed, req.logprobs, req.echo))
+        for i, (p, r) in enumerate(zip(prompts, host.generate(recipe, rows))):
             text = (p if req.echo else "") + r["text"]
             lp = None
             if req.logprobs is not None:
@@ -118,8 +118,8 @@ def create_app(host: ModelHost, api_key: str | None = None, chaos: Chaos | None 
         ids = host.chat_prompt(req.messages)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         n = host.budget(len(ids), limit, "messages")
-        r = host.complete(recipe, ids, n, req.temperature, req.top_p,
-                          req.stops(), req.seed, req.top_logprobs if req.logprobs else None, False)
+        r = host.generate(recipe, [Row(ids, n, req.temperature, req.top_p, req.stops(), req.seed,
+                                       (req.top_logprobs or 0) if req.logprobs else None, False)])[0]
         lp = None
         if req.logprobs:
             lp = {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),

@@ -1,34 +1,83 @@
 """The served model: an hf_merge space's resident model, the merge it holds (and copies of recent
-merges), and generation from it, one request at a time."""
+merges), and generation from it, in batches.
+
+Request handlers (FastAPI runs them in a thread pool) tokenize, check the context and enqueue their rows
+(`generate`), then wait. One scheduler thread owns the model: it takes the waiting rows of one merge (the
+recipe's key) as a batch, up to --max-batch-rows rows and --max-batch-tokens padded tokens, merges (or
+reuses the merge it holds) and continues them together (`batch.generate`). Requests for another merge
+wait their turn: FIFO by merge, with the held merge keeping the model for at most one more batch.
+"""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-import secrets
 import threading
+import time
 from collections.abc import Mapping
 
 from ..wire import ChatMessage, MergeSpec, RequestError
+from .batch import Row, generate
+
+MAX_BATCH_ROWS = 32  # rows (prompts) generated together
+MAX_BATCH_TOKENS = 16384  # rows x (longest prompt + most new tokens): the batch's KV cache, in token rows
+
+
+class _Job:
+    """One request's rows for one merge: filled in by the scheduler, waited on by the request's thread."""
+
+    def __init__(self, key: str, recipe: dict, rows: list[Row]):
+        self.key, self.recipe, self.rows = key, recipe, rows
+        self.results: list[dict | None] = [None] * len(rows)
+        self.error: Exception | None = None
+        self.left = len(rows)
+        self.finished = threading.Event()
+
+    def settle(self, i: int, out) -> None:
+        """Row i's result, or the exception that failed it (the request fails with its first)."""
+        if isinstance(out, Exception):
+            self.error = self.error or out
+        else:
+            self.results[i] = out
+        self.left -= 1
+        if self.left == 0:
+            self.finished.set()
 
 
 class ModelHost:
     """The resident model of an hf_merge space and the merge it currently holds."""
 
     def __init__(self, space, default_recipe: dict | None = None, device: str | None = None, merge_cache: int = 0,
-                 max_context: int | None = None):
+                 max_context: int | None = None, max_batch_rows: int = MAX_BATCH_ROWS,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS):
         from collections import OrderedDict
 
         self.space = space
         self.rt = space.open_runtime(device)
         self.default = default_recipe
-        self.lock = threading.Lock()  # the resident model: one request at a time
-        # the tokenizer, apart from the model: a prompt is measured (and refused) while another generates
+        # the request threads' tokenizer (a fast tokenizer is not safe to share between threads); the
+        # scheduler decodes with a copy of its own, so a prompt is measured (and refused) while a batch runs
         self.tok_lock = threading.Lock()
+        self.gen_tok = copy.deepcopy(self.rt.tokenizer)
+        self.max_batch_rows, self.max_batch_tokens = max_batch_rows, max_batch_tokens
+        self.cv = threading.Condition()  # guards pending, the sequence numbers and stats
+        self.pending: list[tuple[int, _Job, int]] = []  # (arrival number, job, row index), in arrival order
+        self._seq, self._picked_at = 0, 0
+        self.worker: threading.Thread | None = None
         self.context = max_context or context_length(self.rt.model)
         self.current: str | None = None
         # copies of the last `merge_cache` merges' tensors: switching back to one is a copy, not a merge
         self.merge_cache, self.snapshots = merge_cache, OrderedDict()
-        self.stats = {"requests": 0, "merges": 0, "merge_reused": 0, "merge_cache_hits": 0}
+        # requests: prompts that reached the queue; merge_reused: batches served by the merge already held;
+        # busy_s: seconds the scheduler spent merging and generating
+        self.stats = {"requests": 0, "merges": 0, "merge_reused": 0, "merge_cache_hits": 0, "batches": 0,
+                      "batched_rows": 0, "largest_batch": 0, "busy_s": 0.0}
+
+    def health(self) -> dict:
+        """The counters of GET /health, and the batch limits."""
+        with self.cv:
+            return {**self.stats, "queued": len(self.pending), "max_batch_rows": self.max_batch_rows,
+                    "max_batch_tokens": self.max_batch_tokens}
 
     def model_ids(self) -> list[str]:
         return (["merged"] if self.default else []) + ["base", *self.space.labels]
@@ -56,8 +105,8 @@ class ModelHost:
         raise RequestError(404, f"model {model!r} does not exist; served: {', '.join(self.model_ids())}",
                            "model", "model_not_found")
 
-    def _hold(self, recipe: dict):
-        key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    def _hold(self, recipe: dict, key: str):
+        """The resident model holding `recipe` (its key): as it is, from a cached copy, or merged now."""
         if key != self.current:
             self.current = None  # a failed merge leaves no claim on the resident weights
             if key in self.snapshots:
@@ -97,71 +146,82 @@ class ModelHost:
                                param, "context_length_exceeded")
         return min(16, self.context - n_prompt) if max_tokens is None else max_tokens
 
+    def generate(self, recipe: dict, rows: list[Row]) -> list[dict]:
+        """Continue the rows of one request with `recipe`'s merge, batched with whatever other requests for
+        the same merge are waiting; blocks until all of them are done. Per row: text, tokens with logprobs
+        (`entries`), finish_reason and token counts. A RequestError when the merge or a row is refused."""
+        key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        job = _Job(key, recipe, rows)
+        with self.cv:
+            self.stats["requests"] += len(rows)
+            for i in range(len(rows)):
+                self.pending.append((self._seq, job, i))
+                self._seq += 1
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._serve_forever, name="evomerge-batches", daemon=True)
+                self.worker.start()
+            self.cv.notify()
+        job.finished.wait()
+        e = job.error
+        if isinstance(e, RequestError):  # one per request: the batch's requests may share the scheduler's
+            raise RequestError(e.status, e.message, e.param, e.code)
+        if e is not None:
+            raise e
+        return job.results
+
     def complete(self, recipe: dict, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
                  stop: list[str], seed: int | None, top_k_logprobs: int | None, echo: bool) -> dict:
-        """Continue one prompt. Returns text, tokens with logprobs, finish_reason and token counts."""
-        import torch
+        """Continue one prompt (a request of one row)."""
+        return self.generate(recipe, [Row(prompt_ids, max_tokens, temperature, top_p, stop, seed, top_k_logprobs,
+                                          echo)])[0]
 
-        tok = self.rt.tokenizer
-        with self.lock:
-            self.stats["requests"] += 1
-            model = self._hold(recipe)
-            dev = model.device
-            ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
-            gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else secrets.randbits(62))
-            out_ids: list[int] = []
-            entries: list[dict] = []
-            finish = "length"
-            with torch.inference_mode():
-                if echo:
-                    logits = _finite(model(input_ids=ids, use_cache=False).logits[0].float())
-                    lp = torch.log_softmax(logits, -1)
-                    for i, t in enumerate(prompt_ids):
-                        entries.append(self._entry(t, None if i == 0 else lp[i - 1], top_k_logprobs))
-                past, step_ids = None, ids
-                text = ""
-                for _ in range(max_tokens):
-                    out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
-                    logits = _finite(out.logits[0, -1].float())
-                    lp = torch.log_softmax(logits, -1)
-                    if temperature == 0:
-                        nxt = int(torch.argmax(logits))
-                    else:
-                        probs = torch.softmax(logits / temperature, -1).cpu()
-                        if top_p < 1.0:
-                            sp, si = torch.sort(probs, descending=True)
-                            keep = torch.cumsum(sp, 0) - sp < top_p
-                            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-                        nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
-                    if tok.eos_token_id is not None and nxt == tok.eos_token_id:
-                        finish = "stop"
-                        break
-                    out_ids.append(nxt)
-                    entries.append(self._entry(nxt, lp, top_k_logprobs))
-                    if stop:
-                        with self.tok_lock:
-                            text = tok.decode(out_ids, skip_special_tokens=True)
-                    if stop and any(s in text for s in stop):
-                        finish = "stop"
-                        break
-                    step_ids = torch.tensor([[nxt]], dtype=torch.long, device=dev)
-        with self.tok_lock:
-            text = tok.decode(out_ids, skip_special_tokens=True)
-        for s in stop:
-            if s in text:
-                text = text[:text.index(s)]
-        return {"text": text, "entries": entries, "finish_reason": finish,
-                "prompt_tokens": len(prompt_ids), "completion_tokens": len(out_ids)}
+    def _serve_forever(self) -> None:
+        """The scheduler: the one thread that uses the model. It takes the next batch, holds its merge and
+        generates; an unexpected error fails that batch's requests (500 answers), never the thread."""
+        while True:
+            with self.cv:
+                while not self.pending:
+                    self.cv.wait()
+                batch = self._pick()
+                self.stats["batches"] += 1
+                self.stats["batched_rows"] += len(batch)
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            recipe, t0 = batch[0][1].recipe, time.perf_counter()
+            try:
+                model = self._hold(recipe, batch[0][1].key)
+                outs = generate(model, self.gen_tok, [job.rows[i] for _, job, i in batch])
+            except Exception as e:  # noqa: BLE001 - the merge was refused or something broke: these requests fail
+                outs = [e] * len(batch)
+            self.stats["busy_s"] = round(self.stats["busy_s"] + time.perf_counter() - t0, 3)
+            for (_, job, i), out in zip(batch, outs):
+                job.settle(i, out)
 
-    def _entry(self, token: int, lp, top_k: int | None) -> dict:
-        tok = self.rt.tokenizer
-        with self.tok_lock:
-            e = {"token": tok.decode([token]), "logprob": None if lp is None else float(lp[token]), "top": {}}
-            if lp is not None and top_k:
-                vals, idx = lp.topk(top_k)
-                e["top"] = {tok.decode([int(i)]): float(v) for v, i in zip(vals, idx)}
-        return e
+    def _pick(self) -> list[tuple[int, _Job, int]]:
+        """The next batch (under self.cv), taken out of `pending`: the rows of one merge in arrival order, at
+        most max_batch_rows of them, and rows x (longest prompt + most new tokens) within max_batch_tokens
+        (the first row always goes). Whose merge: FIFO by group (the merge of the oldest waiting row), except
+        that the merge the model holds keeps it for one more batch while the oldest row of another merge
+        arrived during the last batch (it waits at most that batch: nobody starves, and a merge switch
+        serves every row of the merge that has waited)."""
+        seq, job, _ = self.pending[0]
+        key = job.key
+        if key != self.current and seq >= self._picked_at and any(j.key == self.current for _, j, _ in self.pending):
+            key = self.current
+        self._picked_at = self._seq
+        batch, rest, longest, most = [], [], 0, 0
+        for item in self.pending:
+            row = item[1].rows[item[2]]
+            if item[1].key != key or len(batch) >= self.max_batch_rows:
+                rest.append(item)
+                continue
+            wide, deep = max(longest, len(row.prompt_ids)), max(most, row.max_tokens)
+            if batch and (len(batch) + 1) * (wide + deep) > self.max_batch_tokens:
+                rest.append(item)
+                continue
+            batch.append(item)
+            longest, most = wide, deep
+        self.pending = rest
+        return batch
 
     def prompt_ids(self, text: str) -> list[int]:
         with self.tok_lock:  # a fast tokenizer is not safe to share between request threads
@@ -191,13 +251,3 @@ def context_length(model) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
-
-
-def _finite(logits):
-    import torch
-
-    if not bool(torch.isfinite(logits).all()):
-        raise RequestError(400, "merge: the merged model's outputs are not finite (NaN or Inf); use smaller "
-                                "coefficients", "merge")
-    return logits
-
