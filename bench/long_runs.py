@@ -5,7 +5,8 @@
 Every run is the real command (`python run.py ...`) on the synthetic space and fitness
 (evomerge/spaces/synthetic.py, fitness/synthetic.py), whose evaluation time and faults the config sets.
 - utilization: log-normal evaluation times (median 50 ms, sigma 1), 8 workers: steady-state M2N2
-  (free-running and deterministic) and CMA-ES with popsize 8; worker utilization from summary.json.
+  (free-running and deterministic), CMA-ES with popsize 8 (overlapping generations, the default, and
+  generational, `overlap: 0`), nevergrad (NGOpt) and random search; worker utilization from summary.json.
 - overhead: a zero-cost fitness (no sleep, microseconds of numpy) and 16 workers: evaluations/s and
   driver milliseconds per evaluation.
 - faults: a deterministic 2,000-evaluation run in which 3 workers are SIGKILLed (by pid, from
@@ -100,10 +101,14 @@ def utilization(tmp: Path) -> dict:
     cases = {
         "m2n2": ({"name": "m2n2", "archive_size": 20}, {}),
         "m2n2_deterministic": ({"name": "m2n2", "archive_size": 20}, {"deterministic": True}),
-        "cmaes_popsize8": ({"name": "cmaes", "popsize": 8, "x0": "center"}, {}),
+        "cmaes_popsize8": ({"name": "cmaes", "popsize": 8, "x0": "center"}, {}),  # default overlap: 3
+        "cmaes_popsize8_generational": ({"name": "cmaes", "popsize": 8, "x0": "center", "overlap": 0}, {}),
+        "nevergrad_ngopt": ({"name": "nevergrad"}, {}),
+        "random": ({"name": "random"}, {}),
     }
     for name, (strategy, extra) in cases.items():
-        cfg = config(tmp, name, strategy, fit, {**engine, **extra}, {"max_evals": 2000})
+        evals = 1000 if name in ("nevergrad_ngopt", "random") else 2000  # steady-state: 1,000 tell enough
+        cfg = config(tmp, name, strategy, fit, {**engine, **extra}, {"max_evals": evals})
         s = run("--config", str(cfg), "--out", str(tmp / name))
         out[name] = {k: s[k] for k in ("worker_utilization", "evals_per_second", "search_seconds",
                                        "engine_overhead_ms_per_eval", "driver_cpu_ms_per_eval")}

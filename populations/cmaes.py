@@ -26,13 +26,13 @@ pycma's `inject` is not used: it is for proposals not yet evaluated (they take s
 and their negative weights are zeroed), not for evaluated samples. pycma's selective mirrors (its default
 below popsize 6) are turned off when overlapping, and TPA step-size adaptation is refused: both assume
 the next iteration told is the one sampled next.
-The price, measured in-process (simulated log-normal times, 8 workers, popsize 8, 16 dimensions, 2,000
-evaluations, medians of 8 seeds; generational -> overlap 2): utilization 32% -> 84% (2.6x the
-evaluations per second), at equal evaluations a lag of a few generations: sphere 3e-10 -> 6e-8,
-Rosenbrock 12.0 -> 15.1, ellipsoid 70 -> 225 (higher is worse), the synthetic fitness the same
-(converged). At equal wall time overlap is ahead (generational makes ~770 evaluations in that time, far
-short of those values). `overlap: 0` when evaluations, not time, are the budget and precise convergence
-matters.
+The price, measured in process (bench/cmaes_overlap.py --only simulated: the engine's scheduling simulated
+with log-normal times, 8 workers, queue_depth 2, popsize 8, 16 dimensions, 2,000 evaluations, 6 seeds' medians;
+generational -> the default overlap 3): utilization 32% -> 84% (2.6x the evaluations per second), and at
+equal evaluations a lag of a few generations: sphere 5e-10 -> 8e-6, Rosenbrock 11.8 -> 13.9, ellipsoid
+96 -> 161 (distance to the optimum; lower is better), the synthetic fitness the same (converged). At
+equal wall time overlap is ahead (generational makes ~770 evaluations in that time, far short of those
+values). `overlap: 0` when evaluations, not time, are the budget and precise convergence matters.
 Figures with the real engine: bench/cmaes_overlap.py and bench/long_runs.py (bench/results/).
 The default k is ceil(1.5 x parallelism / popsize) (parallelism: candidates the engine keeps outstanding,
 workers x queue_depth x batch_size), at least 1: the generations the engine's outstanding candidates span,
