@@ -48,6 +48,9 @@ def one(*args: str) -> dict:
     s = json.loads((out / "summary.json").read_text())
     best = s["best"]
     holdout = {k: v for k, v in (best.get("holdout") or {}).items() if isinstance(v, (int, float))}
+    accuracies = [v for k, v in holdout.items() if k.endswith("_accuracy")]
+    if accuracies:
+        holdout["mean_accuracy"] = statistics.fmean(accuracies)  # the tasks' held-out accuracies, unweighted
     return {"best_fitness": best["fitness"], "best_eval_id": best["eval_id"], "holdout": holdout,
             "overlap": s["strategy"].get("overlap"), "generations": s["strategy"].get("generations"),
             "wall_seconds": round(time.perf_counter() - t, 1), **{k: s[k] for k in KEYS}}
