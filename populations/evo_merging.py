@@ -13,17 +13,26 @@ probes is significantly better than the base, decided by statistics on the per-e
   than a Wilcoxon signed-rank test, but it needs no symmetry and its best / worst cases over unscored
   examples are exact, which the sequential step below relies on). Examples count equally (task
   weights do not enter the test);
-* false discoveries are controlled over all the pool's probes by Benjamini-Hochberg at `fdr`;
+* false discoveries are controlled over all the pool's probes by Benjamini-Hochberg at `fdr` (with
+  `per_task`, over probes x tasks: each probe tested on each task's examples, an expert kept when one
+  of its probes helps one task; off by default: with few examples per task it splits each probe's
+  evidence and triples the tests, and on the 32-expert repository it kept fewer relevant experts);
 * sequentially: the search examples are cut into `slices` random slices, stratified by task (from the
   run's seed). The base is scored on all of them at once, every probe on the first slice; after each
-  round, a probe is decided when no outcome of its unscored examples can change its BH decision:
-  kept when BH keeps it even if all its unscored examples went against it (every probe's p at its
-  worst case), dropped when BH drops it even if all went its way (every p at its best case; with
-  0/1 scores, an example the base got right cannot be won, nor one it got wrong lost). Only the
-  undecided get the next slice. The decisions are therefore exactly those of BH on every probe
-  scored on every example, at a fraction of the cost; `probe_budget` (examples scored in stage 1,
-  default: what scoring every probe and the base on all examples costs) caps it, and a probe still
-  undecided when it is spent is decided by BH on the p-values of the examples it has.
+  round a hypothesis is decided when no outcome of its unscored examples can change its BH decision:
+  kept when BH keeps it even if all its unscored examples went against it (every p at its worst
+  case), dropped when BH drops it even if all went its way (every p at its best case; with 0/1
+  scores an example the base got right cannot be won, nor one it got wrong lost). With `futility`
+  > 0 an undecided one is also dropped when the predictive probability (from its own scores so far,
+  a uniform prior on its chances to win and to lose) that its p on all its examples reaches `fdr`
+  is below `futility`. Only probes with an undecided hypothesis get the next slice. BH then decides
+  on: p on all examples for those scored on all, the worst case for those kept early, 1 for those
+  dropped (each at least its full-data p, and a function of its own data given the base: BH's FDR
+  control holds as for the full-data p-values). With `futility: 0` the decisions are exactly those
+  of BH on every probe scored on every example; futility trades a little power for examples.
+  `probe_budget` (examples scored in stage 1, base included; default: what scoring every probe and
+  the base on all examples costs) caps it: a probe still undecided when it is spent is decided by BH
+  on the p-value of the examples it has.
 
 At most `max_keep` experts are kept (smallest p first); when no probe is significant, the expert of
 the probe with the smallest p (ties: the largest mean gain) is kept alone, so stage 2 has something to
