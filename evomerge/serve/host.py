@@ -4,8 +4,10 @@ merges), and generation from it, in batches.
 Request handlers (FastAPI runs them in a thread pool) tokenize, check the context and enqueue their rows
 (`generate`), then wait. One scheduler thread owns the model: it takes the waiting rows of one merge (the
 recipe's key) as a batch, up to --max-batch-rows rows and --max-batch-tokens padded tokens, merges (or
-reuses the merge it holds) and continues them together (`batch.generate`). Requests for another merge
-wait their turn: FIFO by merge, with the held merge keeping the model for at most one more batch.
+reuses the merge it holds) and continues them together (`batch.generate`); rows of that merge arriving
+meanwhile join the running batch, and each row is answered as soon as it finishes. Requests for another
+merge wait their turn: FIFO by merge (no row joins past a waiting row of another merge), with the held
+merge keeping the model for at most one more batch.
 """
 from __future__ import annotations
 
@@ -69,9 +71,10 @@ class ModelHost:
         # copies of the last `merge_cache` merges' tensors: switching back to one is a copy, not a merge
         self.merge_cache, self.snapshots = merge_cache, OrderedDict()
         # requests: prompts that reached the queue; merge_reused: batches served by the merge already held;
+        # batched_rows: rows generated in batches, joined_rows: those that joined a running batch;
         # busy_s: seconds the scheduler spent merging and generating
         self.stats = {"requests": 0, "merges": 0, "merge_reused": 0, "merge_cache_hits": 0, "batches": 0,
-                      "batched_rows": 0, "largest_batch": 0, "busy_s": 0.0}
+                      "batched_rows": 0, "joined_rows": 0, "largest_batch": 0, "busy_s": 0.0}
 
     def health(self) -> dict:
         """The counters of GET /health, and the batch limits."""
@@ -177,7 +180,9 @@ class ModelHost:
 
     def _serve_forever(self) -> None:
         """The scheduler: the one thread that uses the model. It takes the next batch, holds its merge and
-        generates; an unexpected error fails that batch's requests (500 answers), never the thread."""
+        generates; rows of the same merge that arrive meanwhile join the running batch (while no row of
+        another merge has waited longer), and each row's answer goes out as soon as the row finishes. An
+        unexpected error fails the batch's unanswered requests (500 answers), never the thread."""
         while True:
             with self.cv:
                 while not self.pending:
@@ -186,15 +191,54 @@ class ModelHost:
                 self.stats["batches"] += 1
                 self.stats["batched_rows"] += len(batch)
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-            recipe, t0 = batch[0][1].recipe, time.perf_counter()
+            key, recipe, t0 = batch[0][1].key, batch[0][1].recipe, time.perf_counter()
+            answered: set[int] = set()
+
+            def sink(i: int, out) -> None:
+                answered.add(i)
+                batch[i][1].settle(batch[i][2], out)
+
+            def join(live: int, width: int) -> list[Row]:
+                if not live:
+                    return []  # drained: the next batch is _pick's
+                with self.cv:
+                    more = self._join(key, live, width)
+                batch.extend(more)
+                return [job.rows[i] for _, job, i in more]
+
             try:
-                model = self._hold(recipe, batch[0][1].key)
-                outs = generate(model, self.gen_tok, [job.rows[i] for _, job, i in batch])
+                model = self._hold(recipe, key)
+                generate(model, self.gen_tok, [job.rows[i] for _, job, i in batch], sink, join)
             except Exception as e:  # noqa: BLE001 - the merge was refused or something broke: these requests fail
-                outs = [e] * len(batch)
+                for i, (_, job, r) in enumerate(batch):
+                    if i not in answered:
+                        job.settle(r, e)
             self.stats["busy_s"] = round(self.stats["busy_s"] + time.perf_counter() - t0, 3)
-            for (_, job, i), out in zip(batch, outs):
-                job.settle(i, out)
+
+    def _join(self, key: str, live: int, width: int) -> list[tuple[int, _Job, int]]:
+        """Rows of merge `key` to join a running batch of `live` rows and a cache `width` wide (under self.cv):
+        those that arrived before every waiting row of another merge (FIFO by merge), within the caps."""
+        others = [seq for seq, job, _ in self.pending if job.key != key]
+        before = min(others) if others else self._seq
+        more, rest, span, most = [], [], 0, 0
+        for item in self.pending:
+            seq, job, i = item
+            row = job.rows[i]
+            if job.key != key or seq >= before or live + len(more) >= self.max_batch_rows:
+                rest.append(item)
+                continue
+            wide, deep = max(span, len(row.prompt_ids)), max(most, row.max_tokens)
+            if (live + len(more) + 1) * (width + wide + deep) > self.max_batch_tokens:
+                rest.append(item)
+                continue
+            more.append(item)
+            span, most = wide, deep
+        if more:
+            self.pending = rest
+            self.stats["batched_rows"] += len(more)
+            self.stats["joined_rows"] += len(more)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], live + len(more))
+        return more
 
     def _pick(self) -> list[tuple[int, _Job, int]]:
         """The next batch (under self.cv), taken out of `pending`: the rows of one merge in arrival order, at
