@@ -125,7 +125,7 @@ def simulate(fname: str, overlap: int | None, seed: int, evals: int = 2000, work
     scale = 10 ** (6 * np.arange(dim) / (dim - 1))
     f = {"sphere": lambda x: float(np.sum((x - 0.3) ** 2)),
          "ellipsoid": lambda x: float(np.sum(scale * (x - 0.3) ** 2)),
-         "rosenbrock": lambda x: float(np.sum(100 * (9 * x[1:] - 9 * x[:-1] ** 2) ** 2 + (1 - 3 * x[:-1]) ** 2)),
+         "rosenbrock": lambda x: float(np.sum(100 * (3 * x[1:] - 9 * x[:-1] ** 2) ** 2 + (1 - 3 * x[:-1]) ** 2)),
          "synthetic": lambda x: -float(np.exp(-((centres - x) ** 2).sum(1) / dim).mean())}[fname]  # minimised
     bounded = fname == "synthetic"
     space = SpaceInfo(dim, tuple(np.zeros((2, dim), np.float32)), lower=np.full(dim, -1.0) if bounded else None,
