@@ -8,7 +8,9 @@ Every request goes through `python run.py serve` (the project's OpenAI-compatibl
 and the official `openai` client.
 1. throughput: the api fitness (merge mode: the candidate's weights travel in each request) on the
    tiny LM's three generate tasks (16 train prompts each, responses not cached), concurrency 1, 4, 16;
-   evaluations/s and requests/s over 6 candidates each.
+   evaluations/s and requests/s over 6 candidates each (--evals), the server's rows per batch (those that
+   joined a running batch included, and counted) and the share of the time its model was busy (the
+   server's torch on --threads threads, default 1: on a small shared machine the client needs a core too).
 2. faults: the server fails 20% of requests (429, 500, a reply slower than the client's timeout, a
    malformed body); a CMA-ES search of 40 evaluations on 2 workers: evaluations lost (failed) and
    retries; then a search with `max_requests: 400` (no cache): how many requests reached the server.
@@ -57,22 +59,33 @@ def tasks(zoo: Path, kind: str, limit: int) -> list[dict]:
             for s in SKILLS]
 
 
-def throughput(zoo: Path, tmp: Path) -> dict:
-    out = {}
-    with LocalServer("--config", str(serve_config(zoo, SKILLS, tmp))) as srv:
+def throughput(zoo: Path, tmp: Path, evals: int = 6, threads: int = 1) -> dict:
+    """Evaluations/s of the api fitness at client concurrency 1, 4, 16 against one server (its model on
+    `threads` torch threads), with the server's batches and the share of the time its model was busy."""
+    out = {"server_threads": threads, "evals_per_concurrency": evals}
+    with LocalServer("--config", str(serve_config(zoo, SKILLS, tmp)), env={"OMP_NUM_THREADS": str(threads)}) as srv:
         rng = np.random.default_rng(0)
         for conc in (1, 4, 16):
             fit = APIFitness(APIFitnessConfig(name="api", base_url=srv.url, tasks=tasks(zoo, "generate", 16),
                                               concurrency=conc, cache_size=0))
             fit.evaluate_recipe({"weights": {s: 0.5 for s in SKILLS}})  # warm-up
+            before = srv.health()
             t0, requests = time.perf_counter(), 0
-            for _ in range(6):
+            for _ in range(evals):
                 _, _, m = fit.evaluate_recipe({"weights": {s: float(w) for s, w in zip(SKILLS, rng.uniform(0, 1, 3))}})
                 requests += m["api_requests"]
             dt = time.perf_counter() - t0
-            out[conc] = {"evals_per_s": round(6 / dt, 3), "requests_per_s": round(requests / dt, 1),
-                         "requests_per_eval": requests / 6}
+            h = srv.health()
+            batches = h["batches"] - before["batches"]
+            out[conc] = {"evals_per_s": round(evals / dt, 3), "requests_per_s": round(requests / dt, 1),
+                         "requests_per_eval": requests / evals,
+                         "rows_per_batch": round((h["batched_rows"] - before["batched_rows"]) / max(batches, 1), 2),
+                         "joined_rows": h["joined_rows"] - before["joined_rows"],
+                         "model_busy": round((h["busy_s"] - before["busy_s"]) / dt, 3)}
+            fit.pool.shutdown()
             print(f"concurrency {conc}: {out[conc]}", flush=True)
+    out["speedup_16_over_1"] = round(out[16]["evals_per_s"] / out[1]["evals_per_s"], 2)
+    print(f"speedup at 16 over 1: {out['speedup_16_over_1']}x", flush=True)
     return out
 
 
@@ -170,13 +183,15 @@ def main() -> None:
     ap.add_argument("--zoo", default="zoo/tinylm")
     ap.add_argument("--repo", default="zoo/tinylm-repo")
     ap.add_argument("--only", nargs="*", default=["throughput", "faults", "evo"])
+    ap.add_argument("--evals", type=int, default=6, help="throughput: evaluations per concurrency")
+    ap.add_argument("--threads", type=int, default=1, help="throughput: the server's torch threads")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = Path(tempfile.mkdtemp(prefix="api-bench-"))
     zoo, repo = (ROOT / args.zoo).resolve(), (ROOT / args.repo).resolve()
     results = {}
     if "throughput" in args.only:
-        results["throughput"] = throughput(zoo, tmp)
+        results["throughput"] = throughput(zoo, tmp, args.evals, args.threads)
     if "faults" in args.only:
         results["faults"] = faults(zoo, tmp)
     if "evo" in args.only:
