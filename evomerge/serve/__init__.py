@@ -23,8 +23,9 @@ never a crash of the server.
 
 Requests that arrive together for the same merge are answered together: one batched generation over
 their prompts (a multi-prompt completion's too), at most --max-batch-rows rows (default 32) and
---max-batch-tokens padded tokens; a request for another merge waits its turn (FIFO by merge). GET /health
-counts requests, merges, batches, batched_rows and largest_batch.
+--max-batch-tokens padded tokens; rows of that merge arriving meanwhile join the running batch, and each
+is answered as soon as it finishes. A request for another merge waits its turn (FIFO by merge). GET
+/health counts requests, merges, batches, batched_rows, joined_rows, largest_batch, busy_s and queued.
 
 The package: `evomerge.wire` (the request schema, shared with the API fitness), `host` (ModelHost: the
 resident model, its merge cache, the batch scheduler), `batch` (batched generation), `app` (the FastAPI
