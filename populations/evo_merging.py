@@ -165,6 +165,11 @@ def bh_adjust(p: np.ndarray) -> np.ndarray:
 
 class EvoMerging(Strategy):
     generational = True
+    races = True  # stage 2's generations (stage 1 picks its probes' examples itself)
+
+    def ranks_used(self) -> int | None:
+        """Stage 2: pycma's mu (the parents its update ranks); stage 1: no racing."""
+        return None if self.es is None else int(self.es.sp.weights.mu)
 
     def __init__(self, cfg: EvoMergingConfig, space: SpaceInfo, seed: int, run: RunContext):
         if space.layout is None or space.lower is None:

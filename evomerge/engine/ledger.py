@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from typing import Callable
 
 import numpy as np
 
@@ -30,8 +31,9 @@ class Ledger:
     """
 
     def __init__(self, engine: EngineConfig, objectives: list[str], plan: ExamplePlan | None = None,
-                 keep: int | None = None, verify_top: int = 0):
-        """`plan`: the run's example subsets (scoring active), `keep`: the strategy's ranks_used (racing),
+                 keep: Callable[[], int | None] | None = None, verify_top: int = 0):
+        """`plan`: the run's example subsets (scoring active), `keep`: the strategy's ranks_used (racing; asked
+        when a cohort is decided, since it may change, e.g. with Evo-Merging's stage),
         `verify_top`: estimates kept to re-score on every example at the end of a session."""
         self.engine = engine
         self.plan = plan
@@ -85,7 +87,7 @@ class Ledger:
         elif self.plan is not None:
             key = c.cohort if c.cohort is not None else job.group
             job.examples, first = self.plan.draw(key)
-            if first is not None and self.keep and c.cohort is not None:
+            if first is not None and self.keep is not None and c.cohort is not None:
                 job.first = first
                 job.cohort = (c.cohort,)
                 if job.cohort not in self.races:
@@ -234,7 +236,9 @@ class Ledger:
             return
         first = {j.id: j.first_out[1] for j in members if j.first_out is not None and j.first_out[1] is not None}
         n_total = self.plan.k
-        stops = race_stops(first, n_total, self.keep, self.plan.scoring.race.confidence, max(size, len(members)))
+        keep = self.keep()
+        stops = set() if not keep else race_stops(first, n_total, keep, self.plan.scoring.race.confidence,
+                                                  max(size, len(members)))
         for j in waiting:
             j.decided = True
             if j.id in stops:

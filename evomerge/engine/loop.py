@@ -55,7 +55,7 @@ class Engine:
         plan = None
         if cfg.scoring.active:  # preflight has checked that the fitness can score subsets
             plan = ExamplePlan(fitness.example_counts(cfg.fitness), cfg.scoring, cfg.seed)
-        keep = strategy.ranks_used() if cfg.scoring.race is not None else None
+        keep = strategy.ranks_used if cfg.scoring.race is not None else None
         self.ledger = Ledger(cfg.engine, fitness.objectives(cfg.fitness), plan, keep,
                              cfg.scoring.verify_top if cfg.scoring.active else 0)
         self.recorder = Recorder(rundir, cfg.budget.max_evals)
