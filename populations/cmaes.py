@@ -201,6 +201,11 @@ class GenerationPipeline:
 
 class CMAES(Strategy):
     generational = True
+    races = True  # each generation is a cohort; pycma's update ranks its mu best
+
+    def ranks_used(self) -> int | None:
+        """pycma's mu: the parents its update ranks (racing finishes a candidate while it may be among them)."""
+        return int(self.es.sp.weights.mu)
 
     @classmethod
     def preflight(cls, cfg: CMAESConfig, dim: int) -> None:

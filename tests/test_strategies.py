@@ -131,6 +131,11 @@ def test_cmaes_overlap_samples_ahead_and_tells_each_generation_when_complete():
     assert st.es.countiter == 4 and st.summary()["overlap"] == 2
 
 
+def test_cmaes_races_its_generations_on_pycmas_mu():
+    st = CMAES(CMAESConfig(name="cmaes", popsize=8, diagonal=True), space(), seed=0, run=RunContext())
+    assert st.races and st.ranks_used() == st.es.sp.weights.mu == 4
+
+
 def test_cmaes_default_overlap_is_sized_from_the_parallelism():
     def ahead(parallelism, popsize):
         cfg = CMAESConfig(name="cmaes", popsize=popsize, diagonal=True)
