@@ -44,7 +44,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 from evomerge.wire import MergeSpec
 
-from .base import Fitness, StopRun, split_examples
+from .base import Fitness, StopRun, split_examples, task_summary
 from .budget import Budget, RemoteBudget, open_budget
 from .lm_tasks import TaskSpec, check_unique_names, load_tasks
 
@@ -256,6 +256,10 @@ class APIFitness(Fitness):
             scores.append(sc)
             accs.append(float(sc.mean()) if n else float("nan"))
         return accs, scores, usage
+
+    @classmethod
+    def from_scores(cls, cfg: APIFitnessConfig, counts, examples, scores):
+        return task_summary([t.name for t in cfg.tasks], [t.weight for t in cfg.tasks], counts, examples, scores)
 
     def evaluate_recipe(self, recipe: dict, examples: np.ndarray | None = None
                         ) -> tuple[float, np.ndarray, dict[str, float]]:

@@ -86,6 +86,15 @@ class Fitness:
         return None
 
     @classmethod
+    def from_scores(cls, cfg, counts: list[int], examples: np.ndarray | None, scores: np.ndarray
+                    ) -> tuple[float, dict[str, float]] | None:
+        """(fitness, the metrics that derive from the per-example scores) of `scores` on `examples` (None:
+        all; counts: example_counts), as the evaluate methods compute them: how racing joins a candidate's
+        two slices without scoring the first again (its other metrics, e.g. requests, are summed). None
+        (the default): not derivable, so a raced candidate that goes on is scored on all its examples."""
+        return None
+
+    @classmethod
     def check(cls, cfg) -> None:
         """Refuse, in the driver before anything starts, what cannot work (e.g. a missing API key or
         a defective task file). Default: nothing to check."""
@@ -152,3 +161,19 @@ def split_examples(examples: np.ndarray | None, counts: list[int]) -> list[np.nd
         raise ValueError(f"examples must be sorted unique indices in 0..{total - 1}")
     edges = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return [ex[(ex >= lo) & (ex < hi)] - lo for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def task_summary(names: list[str], weights: list[float], counts: list[int], examples: np.ndarray | None,
+                 scores: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Per task `<name>_accuracy` (the mean score of its selected examples; omitted for a task with none) and
+    the fitness, their weighted mean: the formula of the tasks fitnesses (lm_tasks, api), for from_scores."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    metrics, num, den, at = {}, 0.0, 0.0, 0
+    for name, w, count, sel in zip(names, weights, counts, split_examples(examples, counts)):
+        n = count if sel is None else sel.size
+        part = s[at:at + n]
+        at += n
+        if n:
+            metrics[f"{name}_accuracy"] = float(part.mean())
+            num, den = num + w * metrics[f"{name}_accuracy"], den + w
+    return (num / den if den else float("nan")), metrics

@@ -44,7 +44,7 @@ from evomerge.errors import UserError
 from evomerge.files import read_utf8
 from evomerge.schema import Frozen
 
-from .base import Fitness, split_examples
+from .base import Fitness, split_examples, task_summary
 
 
 class TaskSpec(Frozen):
@@ -203,6 +203,10 @@ class LMTasksFitness(Fitness):
         self._enc: dict = {}
 
     # scoring ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_scores(cls, cfg: LMTasksFitnessConfig, counts, examples, scores):
+        return task_summary([t.name for t in cfg.tasks], [t.weight for t in cfg.tasks], counts, examples, scores)
 
     def evaluate_model(self, model, tokenizer, examples: np.ndarray | None = None
                        ) -> tuple[float, np.ndarray, dict[str, float]]:

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from evomerge.schema import Frozen
 
-from .base import BatchEvaluation, Fitness, split_examples
+from .base import BatchEvaluation, Fitness, split_examples, task_summary
 
 
 class SyntheticFitnessConfig(Frozen):
@@ -71,6 +71,16 @@ class SyntheticFitness(Fitness):
     @classmethod
     def example_counts(cls, cfg: SyntheticFitnessConfig) -> list[int]:
         return [len(p) for p in np.array_split(np.arange(cfg.n_examples), cfg.n_tasks)]
+
+    @classmethod
+    def from_scores(cls, cfg: SyntheticFitnessConfig, counts, examples, scores):
+        s = np.asarray(scores, np.float64).reshape(1, -1)
+        names = [f"task{i}" for i in range(cfg.n_tasks)]
+        fit, metrics = task_summary(names, [float(c) for c in counts], counts, examples, s)
+        if examples is None or cfg.n_tasks == 1:
+            fit = float(s.mean())
+        out = metrics if cfg.n_tasks > 1 else {}
+        return fit, {**out, "mean_score": float(s.mean())}
 
     @classmethod
     def objectives(cls, cfg: SyntheticFitnessConfig) -> list[str]:

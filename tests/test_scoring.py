@@ -119,19 +119,24 @@ def test_racing_stops_the_clearly_worse_and_finishes_the_rest(tmp_path):
 
 
 def test_a_raced_run_tells_slice_estimates_marked_and_scores_fewer_examples(tmp_path):
-    over = dict(strategy=CMAES, scoring={"race": {"first": 0.25, "min_first": 8}},
-                fitness={"name": "synthetic", "n_examples": 64}, budget={"max_evals": 160},
+    over = dict(strategy={**CMAES, "sigma0": 1.0}, scoring={"race": {"first": 0.25, "min_first": 8}},
+                fitness={"name": "synthetic", "n_examples": 128}, budget={"max_evals": 160},
                 engine={"workers": 2, "batch_size": 2, "deterministic": True, "checkpoint_every_s": 0.5})
     s = run(tmp_path / "a", **over)
     recs, draws = records(tmp_path / "a"), subsets(tmp_path / "a")
     raced = [r for r in recs if r.get("raced")]
-    assert raced and all(r["estimate"] and r["examples"]["n"] == 16 for r in raced)
-    assert all(len(draws[r["examples"]["draw"]]) == 16 for r in raced)
+    assert raced and all(r["estimate"] and r["examples"]["n"] == 32 for r in raced)
+    assert all(len(draws[r["examples"]["draw"]]) == 32 for r in raced)
     full = [r for r in recs if not r.get("raced")]
     assert full and all("examples" not in r for r in full)  # finished: every example
     sc = s["scoring"]
     assert sc["raced"] == len(raced)
-    assert sc["examples_scored"] == 160 * 16 + len(full) * 64 + len(sc["verified"]) * 64
+    # a finished candidate is scored on the rest of its examples only: 32 + 96
+    assert sc["examples_scored"] == len(raced) * 32 + len(full) * 128 + len(sc["verified"]) * 128
+    finished = next(r for r in full if r["step"] == raced[0]["step"])  # its fitness: the 128 examples' mean
+    x = np.array(finished["recipe"]["x"], np.float32)[None]
+    assert finished["fitness"] == pytest.approx(
+        SyntheticFitness(SyntheticFitnessConfig(name="synthetic", n_examples=128)).evaluate(x).fitness[0])
     assert s["best"]["scored_on"] == "all examples"
     run(tmp_path / "b", **over)  # deterministic: the same decisions
     assert [(r["id"], r.get("raced"), r["fitness"]) for r in records(tmp_path / "b")] == \
@@ -171,3 +176,22 @@ def test_the_report_says_what_was_estimated_and_that_the_best_is_a_full_score(tm
     text = (tmp_path / "a" / "report" / "report.md").read_text()
     assert "| examples scored | " in text and "48 estimates told (subset of 8)" in text
     assert "scored on all examples" in text
+
+
+def test_from_scores_gives_what_evaluate_gives_on_the_same_examples():
+    cfg = SyntheticFitnessConfig(name="synthetic", n_examples=12, n_tasks=3)
+    f = SyntheticFitness(cfg)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 5)).astype(np.float32)
+    counts = SyntheticFitness.example_counts(cfg)
+    for ex in (None, np.array([0, 1, 5, 9, 10]), np.array([2, 3])):
+        ev = f.evaluate(x, ex) if ex is not None else f.evaluate(x)
+        fit, metrics = SyntheticFitness.from_scores(cfg, counts, ex, ev.scores[0])
+        assert fit == pytest.approx(ev.fitness[0])
+        assert metrics == pytest.approx({k: v[0] for k, v in ev.metrics.items()})
+
+
+def test_task_summary_weighs_the_tasks_present():
+    from evomerge.fitness.base import task_summary
+
+    fit, m = task_summary(["a", "b", "c"], [1.0, 3.0, 1.0], [2, 2, 2], np.array([0, 1, 2]), np.array([1.0, 0.0, 1.0]))
+    assert m == {"a_accuracy": 0.5, "b_accuracy": 1.0} and fit == pytest.approx((0.5 + 3.0) / 4)

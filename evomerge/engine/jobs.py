@@ -38,11 +38,14 @@ class Job:
     cohort: tuple | None = None
     first_out: tuple | None = None  # (result, scores) of the first slice, while raced
     decided: bool = False  # raced and told to go on to all its examples
+    rest: np.ndarray | None = None  # what it goes on to: its examples but the first slice (None: all of them)
     verify: bool = False  # a re-scoring of a told estimate on every example (not told to the strategy)
 
     def sending(self) -> np.ndarray | None:
         """The examples its next evaluation scores: the first slice while raced, else all of its own."""
-        return self.first if self.first is not None and self.first_out is None else self.examples
+        if self.first is not None and self.first_out is None:
+            return self.first
+        return self.rest if self.rest is not None else self.examples
 
     @property
     def estimate(self) -> bool:

@@ -31,13 +31,17 @@ class Ledger:
     """
 
     def __init__(self, engine: EngineConfig, objectives: list[str], plan: ExamplePlan | None = None,
-                 keep: Callable[[], int | None] | None = None, verify_top: int = 0):
+                 keep: Callable[[], int | None] | None = None, verify_top: int = 0,
+                 combine: Callable[[np.ndarray | None, np.ndarray], tuple[float, dict]] | None = None):
         """`plan`: the run's example subsets (scoring active), `keep`: the strategy's ranks_used (racing; asked
         when a cohort is decided, since it may change, e.g. with Evo-Merging's stage),
         `verify_top`: estimates kept to re-score on every example at the end of a session."""
         self.engine = engine
         self.plan = plan
         self.keep = keep
+        # (fitness, score-derived metrics) of per-example scores on some examples (Fitness.from_scores): a raced
+        # candidate that goes on is scored on the rest of its examples only; None: on all of them again
+        self.combine = combine
         self.verify_top = verify_top
         # index sets scored so far: id -> sorted indices (subsets.jsonl), and their identities
         self.draws: dict[int, list[int]] = {}
@@ -205,9 +209,31 @@ class Ledger:
                 self._race(job.cohort)
                 continue
             if job.first_out is not None:  # finished after racing: both slices' seconds
-                result["seconds"] = round(result["seconds"] + job.first_out[0]["seconds"], 6)
+                result, scores = self._joined(job, result, scores)
             self.resolve(job, result, scores)
         return stop
+
+    def _joined(self, job: Job, result: dict, scores) -> tuple[dict, np.ndarray | None]:
+        """A raced job's result once it went on: the first slice's and the rest's scores joined in index
+        order, the fitness and score-derived metrics from them, other metrics (e.g. requests) and seconds
+        summed (the rest alone was scored); or the second evaluation's (it scored all its examples)."""
+        first, first_scores = job.first_out
+        joined = dict(result)
+        for k in ("seconds", *TIMING_KEYS):
+            if first.get(k) is not None and result.get(k) is not None:
+                joined[k] = round(result[k] + first[k], 6)
+        if job.rest is None or first_scores is None or scores is None:
+            return joined, scores
+        idx = np.concatenate([job.first, job.rest])
+        order = np.argsort(idx, kind="stable")
+        all_scores = np.concatenate([np.asarray(first_scores, np.float64).reshape(-1),
+                                     np.asarray(scores, np.float64).reshape(-1)])[order]
+        fit, derived = self.combine(job.examples, all_scores)
+        metrics = {k: first["metrics"].get(k, 0.0) + v for k, v in result["metrics"].items() if k not in derived}
+        joined.update(fitness=float(fit), metrics={**metrics, **derived})
+        if not np.isfinite(fit):
+            joined.update(fitness=None, failed=True, error=f"fitness is {fit}")
+        return joined, all_scores
 
     def _n(self, sent, scores) -> int:
         if sent is not None:
@@ -239,13 +265,17 @@ class Ledger:
         keep = self.keep()
         stops = set() if not keep else race_stops(first, n_total, keep, self.plan.scoring.race.confidence,
                                                   max(size, len(members)))
-        for j in waiting:
+        for j in waiting:  # all marked first: resolving one below re-enters _race for this cohort
             j.decided = True
+        for j in waiting:
             if j.id in stops:
                 result, scores = j.first_out
                 self.counts["raced"] += 1
                 self.resolve(j, {**result, "raced": True}, scores)
             else:
+                if self.combine is not None:
+                    every = j.examples if j.examples is not None else np.arange(self.plan.total, dtype=np.int64)
+                    j.rest = np.setdiff1d(every, j.first, assume_unique=True)
                 self.queue.appendleft(j)
 
     def _follows(self, job: Job) -> bool:
@@ -369,7 +399,7 @@ class Ledger:
         jobs = [{"id": j.id, "group": j.group, "x": j.candidate.x, "step": j.candidate.step, "tag": j.candidate.tag,
                  "candidate": j.candidate, "key": j.key, "recipe": j.recipe, "attempts": j.attempts,
                  "result": j.result, "scores": pack_scores(j.scores), "examples": j.examples, "first": j.first,
-                 "draw": j.draw, "first_draw": j.first_draw, "cohort": j.cohort, "decided": j.decided,
+                 "draw": j.draw, "first_draw": j.first_draw, "cohort": j.cohort, "decided": j.decided, "rest": j.rest,
                  "first_out": None if j.first_out is None else (j.first_out[0], pack_scores(j.first_out[1]))}
                 for g in self.groups.values() for j in g]
         return {"next_id": self.next_id, "next_group": self.next_group, "jobs": jobs,
@@ -389,7 +419,7 @@ class Ledger:
             c = d.get("candidate") or Candidate(d["x"], d["step"], d["tag"])
             job = Job(d["id"], d["group"], c, d["key"], d["recipe"],
                       attempts=d["attempts"], result=d["result"], scores=unpack_scores(d["scores"]))
-            for k in ("examples", "first", "draw", "first_draw", "cohort", "decided"):
+            for k in ("examples", "first", "draw", "first_draw", "cohort", "decided", "rest"):
                 if k in d:
                     setattr(job, k, d[k])
             if d.get("first_out") is not None:

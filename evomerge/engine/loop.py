@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from evomerge.fitness import FITNESSES
 from evomerge.populations import Strategy
 
@@ -52,12 +54,16 @@ class Engine:
         self.show_progress = progress
         self.window = window(cfg.engine)
         fitness = FITNESSES[cfg.fitness.name][1]
-        plan = None
+        plan = combine = None
         if cfg.scoring.active:  # preflight has checked that the fitness can score subsets
-            plan = ExamplePlan(fitness.example_counts(cfg.fitness), cfg.scoring, cfg.seed)
+            counts = fitness.example_counts(cfg.fitness)
+            plan = ExamplePlan(counts, cfg.scoring, cfg.seed)
+            if fitness.from_scores(cfg.fitness, counts, None, np.zeros(plan.total)) is not None:
+                def combine(examples, scores):
+                    return fitness.from_scores(cfg.fitness, counts, examples, scores)
         keep = strategy.ranks_used if cfg.scoring.race is not None else None
         self.ledger = Ledger(cfg.engine, fitness.objectives(cfg.fitness), plan, keep,
-                             cfg.scoring.verify_top if cfg.scoring.active else 0)
+                             cfg.scoring.verify_top if cfg.scoring.active else 0, combine)
         self.recorder = Recorder(rundir, cfg.budget.max_evals)
         self.stop_requested: str | None = None  # e.g. "interrupted", set from a signal handler
         self.stop_reason: str | None = None
