@@ -333,3 +333,23 @@ def test_logs_stats_timing_and_summary(reference):
     assert s["time_per_candidate"]["candidates"] == 600 and set(s["time_per_candidate"]) == {"candidates", "score_s"}
     assert s["best"]["fitness"] == max(e["fitness"] for e in log)
     assert [e["event"] for e in events(reference)] == ["started", "started"]
+
+
+@pytest.mark.parametrize("scoring", [None, {"subsample": 96, "race": {"first": 0.34, "min_first": 8}}])
+def test_a_killed_deterministic_cmaes_run_resumed_repeats_the_uninterrupted_one(tmp_path, scoring):
+    """CMA-ES sampling generations ahead (its default overlap), alone and with subsets and racing (raced
+    candidates in flight or waiting for their cohort when the driver dies)."""
+    over = dict(strategy={"name": "cmaes", "popsize": 8, "x0": "center", "sigma0": 1.0}, **DETERMINISTIC)
+    if scoring:
+        over.update(scoring=scoring, fitness={"name": "synthetic", "n_examples": 128})
+    ref = tmp_path / "ref"
+    new_run(ref, config(**over))
+    for after in (97, 250):
+        out = tmp_path / f"run{after}"
+        killed_run(out, config(**over), after=after)
+        resume(out)
+        assert_same_run(ref, out)
+        if scoring:
+            assert any(e.get("raced") for e in evals(ref))
+            assert [e.get("raced") for e in evals(out)] == [e.get("raced") for e in evals(ref)]
+            assert (out / "subsets.jsonl").exists()
