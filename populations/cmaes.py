@@ -106,6 +106,21 @@ def default_overlap(parallelism: int, popsize: int) -> int:
     return max(1, math.ceil(1.5 * parallelism / popsize))
 
 
+def fit_for_overlap(es, x0, sigma0: float, opts: dict, ahead: int, keep_mirrors: bool = False):
+    """`es` (built from x0, sigma0, opts), made fit for `ahead` generations sampled ahead: with ahead > 0,
+    pycma's selective mirrors (its default below popsize 6) belong in the iteration told next, which
+    overlapping generations cannot promise, so es is built again without them (unless keep_mirrors: the
+    options ask for them); TPA step-size adaptation is refused (a UserError). ahead = 0: es as it is."""
+    if ahead and es.sp.lam_mirr and not keep_mirrors:
+        import cma
+
+        es = cma.CMAEvolutionStrategy(x0, sigma0, {**opts, "CMA_mirrors": 0})
+    if ahead and getattr(es, "mean_shift_samples", False):
+        raise UserError("strategy.options: this step-size adaptation (TPA) needs each generation told before "
+                        "the next is sampled; set strategy.overlap: 0")
+    return es
+
+
 @dataclass
 class Generation:
     """One pycma generation: its number (in the order sampled), the solutions as pycma
@@ -256,13 +271,7 @@ class CMAES(Strategy):
             raise UserError(f"strategy.options: pycma refused the options: {e}") from None
         self.popsize = es.popsize
         ahead = cfg.overlap if cfg.overlap is not None else default_overlap(run.parallelism, self.popsize)
-        if ahead and es.sp.lam_mirr and "CMA_mirrors" not in cfg.options:
-            # pycma's selective mirrors (default below popsize 6) belong in the iteration told next, which
-            # overlapping generations cannot promise: off, unless the options ask for them
-            es = cma.CMAEvolutionStrategy(x0, cfg.sigma0, {**opts, "CMA_mirrors": 0})
-        if ahead and getattr(es, "mean_shift_samples", False):
-            raise UserError("strategy.options: this step-size adaptation (TPA) needs each generation told before "
-                            "the next is sampled; set strategy.overlap: 0")
+        es = fit_for_overlap(es, x0, cfg.sigma0, opts, ahead, keep_mirrors="CMA_mirrors" in cfg.options)
         self.pipeline = GenerationPipeline(es, ahead)
 
     @property

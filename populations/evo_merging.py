@@ -63,7 +63,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
-from .cmaes import Randn
+from .cmaes import GenerationPipeline, Randn, default_overlap, fit_for_overlap
 
 
 class EvoMergingConfig(Frozen):
@@ -101,6 +101,10 @@ class EvoMergingConfig(Frozen):
                                                               "probe's signed weight, or all 0")
     generations: int | None = Field(None, ge=1, description="stop after this many stage-2 CMA-ES generations "
                                                             "(default: run until the budget ends)")
+    overlap: int | None = Field(
+        None, ge=0, description="stage 2: generations sampled ahead while earlier ones finish, as CMA-ES's overlap "
+                                "(see populations/cmaes.py); 0: generational (workers idle behind each "
+                                "generation); default ceil(1.5 x parallelism / popsize)")
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -186,6 +190,7 @@ class EvoMerging(Strategy):
             raise UserError("strategy.name: evo_merging needs a searched `weight` per expert")
         super().__init__(cfg, space, seed, run)
         self.seed = seed
+        self.parallelism = int(run.parallelism)
         self.lower, self.upper = np.asarray(space.lower, np.float64), np.asarray(space.upper, np.float64)
         self.experts = list(self.coord)
         self.base = (self.lower + self.upper) / 2  # what evo_merging does not search (e.g. densities)
@@ -241,13 +246,21 @@ class EvoMerging(Strategy):
         self.kept: list[str] | None = None
         self.gains: dict[str, float] = {}
         self.signs: dict[str, int] = {}
-        # stage 2
-        self.es = None
-        self.generation: list[np.ndarray] = []
-        self.gen_fit: list[float | None] = []
-        self.gen_sent = 0
-        self.gens_done = 0
+        # stage 2: CMA-ES's generations through a GenerationPipeline (None in stage 1)
+        self.pipeline: GenerationPipeline | None = None
+        self.popsize = 0
+        self.ahead: int | None = cfg.overlap  # stage 2's overlap (None: the default, sized at its start)
         self._plan_first_round()
+
+    @property
+    def es(self):
+        """Stage 2's pycma instance (None in stage 1)."""
+        return None if self.pipeline is None else self.pipeline.es
+
+    @property
+    def gens_done(self) -> int:
+        """Stage-2 generations told to pycma."""
+        return 0 if self.pipeline is None else int(self.pipeline.es.countiter)
 
     def _point(self, weights: dict[str, float]) -> np.ndarray:
         x = self.base.copy()
@@ -441,7 +454,10 @@ class EvoMerging(Strategy):
             opts["popsize"] = self.cfg.popsize
         if len(idx) == 1:  # pycma needs two dimensions: a dummy coordinate, ignored
             x0, opts["bounds"] = np.append(x0, 0.0), [list(lo) + [-1.0], list(hi) + [1.0]]
-        self.es = cma.CMAEvolutionStrategy(list(x0), self.cfg.sigma0, opts)
+        es = cma.CMAEvolutionStrategy(list(x0), self.cfg.sigma0, opts)
+        self.popsize = int(es.popsize)
+        ahead = self.ahead if self.ahead is not None else default_overlap(self.parallelism, self.popsize)
+        self.pipeline = GenerationPipeline(fit_for_overlap(es, list(x0), self.cfg.sigma0, opts, ahead), ahead)
 
     # ask / tell ----------------------------------------------------------------------------------
     def ask(self, n: int) -> list[Candidate]:
@@ -455,19 +471,16 @@ class EvoMerging(Strategy):
                 self.asked += 1
             self.sent += k
             return out
-        if self.done:
-            return []
-        if not self.generation:
-            self.generation = [np.asarray(s, np.float64) for s in self.es.ask()]
-            self.gen_fit, self.gen_sent = [None] * len(self.generation), 0
-        k = min(n, len(self.generation) - self.gen_sent)
+        p = self.pipeline
+        if self.done or (self.cfg.generations is not None and p.sampled >= self.cfg.generations
+                         and all(g.sent == len(g.xs) for g in p.gens)):
+            return []  # no generation sampled past `generations`
         out = []
-        for i in range(self.gen_sent, self.gen_sent + k):
-            weights = dict(zip(self.kept, self.generation[i][:len(self.kept)]))
-            out.append(Candidate(x=self._point(weights), step=self.asked, tag=("cma", i), cohort=self.gens_done,
-                                 cohort_size=len(self.generation)))
+        for g, i, x in p.ask(n):
+            weights = dict(zip(self.kept, x[:len(self.kept)]))
+            out.append(Candidate(x=self._point(weights), step=self.asked, tag=("cma", g, i), cohort=g,
+                                 cohort_size=self.popsize))
             self.asked += 1
-        self.gen_sent += k
         return out
 
     def tell(self, results: Sequence[Result]) -> None:
@@ -480,13 +493,12 @@ class EvoMerging(Strategy):
                 self._tell_probe(i, r, f)
                 self.pending -= 1
             else:
-                self.gen_fit[i] = -f if f is not None else float("inf")  # pycma minimises
+                # ("cma", generation, index); ("cma", index): asked before overlap existed (resumed), of
+                # the one generation then outstanding
+                g, i = r.candidate.tag[1:] if len(r.candidate.tag) == 3 else (self.pipeline.gens[0].index, i)
+                self.pipeline.tell(g, i, -f if f is not None else float("inf"))  # pycma minimises
         if self.kept is None and self.pending == 0 and self.sent == len(self.queue):
             self._after_round()
-        elif self.kept is not None and self.generation and all(f is not None for f in self.gen_fit):
-            self.es.tell(self.generation, self.gen_fit)
-            self.generation, self.gen_fit, self.gen_sent = [], [], 0
-            self.gens_done += 1
 
     def _tell_probe(self, i: int, r: Result, f: float | None) -> None:
         if self.probe_fit[i] is None or self.rule == "gain" or not self.slice_ix:
@@ -508,7 +520,7 @@ class EvoMerging(Strategy):
 
     @property
     def done(self) -> bool:
-        return self.cfg.generations is not None and self.gens_done >= self.cfg.generations and not self.generation
+        return self.cfg.generations is not None and self.gens_done >= self.cfg.generations
 
     def state_dict(self) -> dict:
         return {"rule": self.rule, "probe_fit": list(self.probe_fit), "scores": self.scores.copy(),
@@ -516,9 +528,8 @@ class EvoMerging(Strategy):
                 "rounds": self.rounds, "queue": [(i, None if ex is None else ex.copy()) for i, ex in self.queue],
                 "sent": self.sent, "pending": self.pending, "asked": self.asked, "seen_scores": self.seen_scores,
                 "tests": pickle.loads(pickle.dumps(self.tests)), "kept": self.kept, "gains": dict(self.gains),
-                "signs": dict(self.signs), "es": None if self.es is None else pickle.dumps(self.es),
-                "generation": [g.copy() for g in self.generation], "gen_fit": list(self.gen_fit),
-                "gen_sent": self.gen_sent, "gens_done": self.gens_done}
+                "signs": dict(self.signs), "popsize": self.popsize, "ahead": self.ahead,
+                "pipeline": None if self.pipeline is None else self.pipeline.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.rule, self.probe_fit = state["rule"], list(state["probe_fit"])
@@ -530,9 +541,22 @@ class EvoMerging(Strategy):
         self.tests = pickle.loads(pickle.dumps(state["tests"]))
         self.kept = state["kept"]
         self.gains, self.signs = dict(state["gains"]), dict(state["signs"])
-        self.es = None if state["es"] is None else pickle.loads(state["es"])
-        self.generation = [np.array(g) for g in state["generation"]]
-        self.gen_fit, self.gen_sent, self.gens_done = list(state["gen_fit"]), state["gen_sent"], state["gens_done"]
+        if "pipeline" not in state:  # a checkpoint from before stage 2's overlap: that run goes on generational
+            pipe = None
+            if state["es"] is not None:
+                es = pickle.loads(state["es"])
+                gens = []
+                if state["generation"]:
+                    gens.append({"index": int(es.countiter), "xs": state["generation"], "f": state["gen_fit"],
+                                 "sent": state["gen_sent"]})
+                pipe = {"es": state["es"], "ahead": 0, "sampled": int(es.countiter) + len(gens), "gens": gens}
+            state = {**state, "popsize": 0 if pipe is None else int(pickle.loads(state["es"]).popsize),
+                     "pipeline": pipe, "ahead": 0}
+        self.popsize, self.ahead = state["popsize"], state["ahead"]
+        self.pipeline = None
+        if state["pipeline"] is not None:
+            self.pipeline = GenerationPipeline(pickle.loads(state["pipeline"]["es"]), 0)
+            self.pipeline.load_state_dict(state["pipeline"])
 
     def stats(self) -> dict[str, float]:
         """stage (1: probes, 2: CMA-ES over the kept experts), in stage 1 the round and the probes still
@@ -555,6 +579,8 @@ class EvoMerging(Strategy):
                        sign={e: self.signs[e] for e in self.kept})
             if self.tests is not None:
                 out["tests"] = self.tests
+            if self.pipeline is not None:
+                out.update(generations=self.gens_done, popsize=self.popsize, overlap=self.pipeline.ahead)
             if self.es is not None and self.es.result.xbest is not None:
                 out["cma_best_weights"] = {e: round(float(v), 6) for e, v in zip(self.kept, self.es.result.xbest)}
         return out
