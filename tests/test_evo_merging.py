@@ -49,7 +49,8 @@ def make(experts=32, counts=COUNTS, seed=0, **cfg):
                      upper=np.full(experts, 1.0), layout=tuple(("all", "weight", e) for e in names))
     run = RunContext(parallelism=4, example_counts=None if counts is None else tuple(counts))
     cfg.setdefault("per_task", False)
-    return EvoMerging(EvoMergingConfig(name="evo_merging", popsize=6, **cfg), info, seed, run), names
+    cfg.setdefault("popsize", 6)
+    return EvoMerging(EvoMergingConfig(name="evo_merging", **cfg), info, seed, run), names
 
 
 def score(c, names, base, probes):
@@ -336,3 +337,146 @@ def test_api_fitness_scores_an_example_subset_with_requests_for_it_only(tmp_path
     assert prompts == ["a-test", "b-test"]
     with pytest.raises(ValueError, match="sorted unique"):
         fit.evaluate_recipe({"weights": {"x": 1.0}}, examples=np.array([3, 1]))
+
+
+# stage 2: CMA-ES over the kept experts through cmaes.GenerationPipeline -------------------------------
+def fit2(c, names, base, probes):
+    """Probes: the synthetic per-example fitness; stage 2: a smooth function of the merge's weights."""
+    if c.tag[0] == "probe":
+        return score(c, names, base, probes)
+    return Result(c, float(-np.sum((c.x - 0.3) ** 2)))
+
+
+def at_stage2(seed=0, **cfg):
+    base, probes = pool(seed)
+    st, names = make(seed=seed, **cfg)
+    stage1(st, names, base, probes)
+    return st, (names, base, probes)
+
+
+@pytest.mark.parametrize("popsize", [6, 4])  # 4: pycma's selective mirrors, kept as they were
+def test_stage2_without_overlap_makes_the_calls_of_a_plain_pycma_loop(popsize):
+    st, ctx = at_stage2(popsize=popsize, overlap=0, generations=6)
+    assert st.pipeline.ahead == 0 and bool(st.es.sp.lam_mirr) == (popsize < 6)
+    assert st.ranks_used() == st.es.sp.weights.mu
+    es = pickle.loads(pickle.dumps(st.es))  # the reference: generational pycma, es.ask() after each es.tell()
+    kept = [st.coord[e] for e in st.kept]
+    for g in range(6):
+        xs = es.ask()
+        cands = st.ask(4) + st.ask(4)
+        assert len(cands) == popsize and st.ask(4) == []  # nothing more until the generation is told
+        assert [(c.tag, c.cohort, c.cohort_size) for c in cands] == [(("cma", g, i), g, popsize)
+                                                                     for i in range(popsize)]
+        want = np.zeros((popsize, 32), np.float32)
+        want[:, kept] = np.clip(np.stack(xs)[:, :len(kept)], -1, 1)
+        np.testing.assert_array_equal(np.stack([c.x for c in cands]), want)
+        res = [fit2(c, *ctx) for c in cands]
+        es.tell(xs, [-r.fitness for r in res])
+        st.tell(res[::-1][:3])
+        assert st.gens_done == g
+        st.tell(res[::-1][3:])
+    assert st.done and st.ask(4) == [] and st.gens_done == 6
+    np.testing.assert_array_equal(st.es.mean, es.mean)
+    s = st.summary()
+    assert s["generations"] == 6 and s["overlap"] == 0 and s["popsize"] == popsize
+    assert list(s["cma_best_weights"]) == st.kept and st.stats()["generation"] == 6.0
+
+
+def test_stage2_overlap_keeps_asking_while_a_generation_is_unfinished():
+    st, ctx = at_stage2(popsize=4, overlap=2, generations=5)
+    assert st.pipeline.ahead == 2 and not st.es.sp.lam_mirr  # mirrors off when overlapping
+    assert st.races and st.ranks_used() == st.es.sp.weights.mu == 2
+    gens = [st.ask(4) for _ in range(3)]
+    assert [len(g) for g in gens] == [4, 4, 4] and st.ask(4) == []  # at most overlap + 1 generations untold
+    assert [{(c.cohort, c.cohort_size, c.tag[:2]) for c in g} for g in gens] == [{(k, 4, ("cma", k))}
+                                                                              for k in range(3)]
+    r = [[fit2(c, *ctx) for c in g] for g in gens]
+    st.tell(r[0][:3] + r[1])  # generation 1 complete before 0: told at once, 0 waits for its last
+    assert st.gens_done == 1 and st.stats()["stage"] == 2.0
+    nxt = st.ask(4)
+    assert {c.cohort for c in nxt} == {3} and st.ask(4) == []
+    st.tell(r[0][3:] + r[2])
+    assert st.gens_done == 3
+    last = st.ask(9)
+    assert {c.cohort for c in last} == {4} and st.ask(9) == []  # `generations` 5: none sampled past it
+    st.tell([fit2(c, *ctx) for c in nxt + last])
+    assert st.done and st.gens_done == 5 and st.ask(4) == [] and st.summary()["overlap"] == 2
+
+
+def test_stage2_default_overlap_is_cmaes_rule_and_stage1_ranks_nothing():
+    from evomerge.populations.cmaes import default_overlap
+
+    base, probes = pool(1)
+    for parallelism in (1, 4, 16):
+        names = [f"e{k}" for k in range(32)]
+        info = SpaceInfo(dim=32, seeds=(np.zeros(32, np.float32),), lower=np.full(32, -1.0),
+                         upper=np.full(32, 1.0), layout=tuple(("all", "weight", e) for e in names))
+        st = EvoMerging(EvoMergingConfig(name="evo_merging", popsize=6, per_task=False), info, 1,
+                        RunContext(parallelism=parallelism, example_counts=COUNTS))
+        assert st.ranks_used() is None and st.summary().get("overlap") is None
+        stage1(st, names, base, probes)
+        assert st.pipeline.ahead == default_overlap(parallelism, 6) == {1: 1, 4: 1, 16: 4}[parallelism]
+
+
+@pytest.mark.parametrize("overlap", [0, 2])
+def test_stage2_resume_is_exact_with_candidates_in_flight(overlap):
+    cfg = dict(seed=3, popsize=5, overlap=overlap, generations=8)
+    st, ctx = at_stage2(**cfg)
+    rng = np.random.default_rng(0)
+    pending, clone, twin_pending, log = [], None, [], []
+    for k in range(300):
+        if k in (2, 7, 13):
+            clone, _ = make(**cfg)
+            clone.load_state_dict(pickle.loads(pickle.dumps(st.state_dict())))
+            twin_pending = list(pending)  # the engine tells what was in flight at the checkpoint
+        n = int(rng.integers(1, 4))
+        cands = st.ask(n)
+        pending += [fit2(c, *ctx) for c in cands]
+        if clone is not None:
+            twin = clone.ask(n)
+            assert [(c.step, c.tag, c.cohort) for c in cands] == [(c.step, c.tag, c.cohort) for c in twin]
+            if cands:
+                np.testing.assert_array_equal(np.stack([c.x for c in cands]), np.stack([c.x for c in twin]))
+            twin_pending += [fit2(c, *ctx) for c in twin]
+        m = int(rng.integers(0, len(pending) + 1))
+        order = rng.permutation(len(pending))  # results arrive in any order
+        told, pending = [pending[i] for i in order[:m]], [pending[i] for i in order[m:]]
+        st.tell(told)
+        if clone is not None:
+            byc = {(r.candidate.step): r for r in twin_pending}
+            clone.tell([byc.pop(r.candidate.step) for r in told])
+            twin_pending = list(byc.values())
+        log += cands
+        if st.done:
+            break
+    assert st.done and clone.done and st.gens_done == 8 and not clone.ask(3)
+    np.testing.assert_array_equal(st.es.mean, clone.es.mean)
+    assert clone.summary() == st.summary()
+    if overlap:
+        assert max(c.cohort for c in log[:20]) > min(c.cohort for c in log[:20]) + 1  # generations overlapped
+
+
+def test_stage2_loads_a_checkpoint_from_before_overlap():
+    ref, ctx = at_stage2(seed=2, popsize=6, overlap=0)
+    ref.tell([fit2(c, *ctx) for c in ref.ask(6)])  # generation 0 told
+    sent = ref.ask(4)
+    state = ref.state_dict()
+    g = ref.pipeline.gens[0]
+    old = {k: v for k, v in state.items() if k not in ("pipeline", "popsize", "ahead")}
+    old.update(es=pickle.dumps(ref.es), generation=[x.copy() for x in g.xs], gen_fit=list(g.f), gen_sent=g.sent,
+               gens_done=1)  # the format before overlap: stage 2 generational, tags ("cma", i)
+    st, _ = make(seed=2, popsize=6)  # default overlap: the old run goes on generational all the same
+    st.load_state_dict(pickle.loads(pickle.dumps(old)))
+    assert st.pipeline.ahead == 0 and st.gens_done == 1 and st.kept == ref.kept
+    for c in sent:
+        c.tag = ("cma", c.tag[2])
+    for a in (ref, st):
+        rest = a.ask(4)
+        assert len(rest) == 2 and a.ask(4) == []
+        a.tell([fit2(c, *ctx) for c in sent + rest])
+    np.testing.assert_array_equal(ref.es.mean, st.es.mean)
+    np.testing.assert_array_equal(np.stack([c.x for c in ref.ask(6)]), np.stack([c.x for c in st.ask(6)]))
+    old["es"], old["kept"] = None, None  # and one from stage 1
+    st, _ = make(seed=2, popsize=6)
+    st.load_state_dict(old)
+    assert st.pipeline is None and st.ahead == 0 and st.ranks_used() is None
