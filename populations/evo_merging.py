@@ -43,8 +43,15 @@ without per-example scores. Without `RunContext.example_counts` (a fitness that 
 every probe is scored on everything at once (one round, the same tests).
 
 Stage 2, sign-aware scaling: CMA-ES (pycma) over signed weights of the kept experts only, starting
-from each kept expert's better probe sign (`x0: probe`), every other weight held at 0; each generation
-is one cohort (the engine may race it under `scoring`); `generations` ends the search after that many.
+from each kept expert's better probe sign (`x0: probe`), every other weight held at 0. Its generations
+go through cmaes.GenerationPipeline, as CMA-ES's do: with `overlap: k` (default CMA-ES's rule,
+ceil(1.5 x parallelism / popsize), at least 1) the next generation is sampled while at most k + 1 are
+untold, so workers do not wait for a generation's slowest candidate, each generation told to pycma
+whole once complete (pycma's selective mirrors off, as in CMA-ES; the effect on the search is in
+populations/cmaes.py's docstring); `overlap: 0` makes the calls of the generational stage 2 before the
+option existed. Each generation is one cohort (its number; cohort_size the popsize; the engine may race
+it under `scoring`, ranks_used: pycma's mu); `generations` ends the search after that many generations
+told (none is sampled past it). A checkpoint from before `overlap` goes on generational.
 
 Works on any space whose layout names one `weight` per expert (api_weights; hf_merge with
 task_arithmetic and layer_granularity 0). The kept experts, their tests and signs are in
