@@ -15,8 +15,9 @@ and the official `openai` client.
    malformed body); a CMA-ES search of 40 evaluations on 2 workers: evaluations lost (failed) and
    retries; then a search with `max_requests: 400` (no cache): how many requests reached the server.
 3. evo: Evo-Merging over the 32 experts of zoo/tinylm-repo (weights in [-1, 1], choice tasks, 16 train
-   prompts per task): experts kept by stage 1, the best merge's held-out accuracy, against task
-   arithmetic over all 32 experts and over the 3 relevant ones (lambda 1, and tuned on the search split).
+   prompts per task; popsize 8, 10 stage-2 generations, as bench/evo_stage1.py): experts kept by stage 1,
+   the best merge's held-out accuracy, against task arithmetic over all 32 experts and over the 3
+   relevant ones (lambda 1, and tuned on the search split).
 Results: bench/results/api.json.
 """
 from __future__ import annotations
@@ -139,8 +140,10 @@ def evo(repo: Path, tmp: Path) -> dict:
     relevant = [e for e in experts if e in SKILLS]
     with LocalServer("--config", str(serve_config(repo, experts, tmp))) as srv:
         fit = {"tasks": tasks(repo, "choice", 16), "concurrency": 8}
-        strategy = {"name": "evo_merging", "popsize": 8, "sigma0": 0.3}
-        evals_budget = 1 + 2 * len(experts) + 8 * 10
+        strategy = {"name": "evo_merging", "popsize": 8, "sigma0": 0.3, "generations": 10}
+        # a cap only (generations ends the run): stage 1 makes at most 4 rounds (slices) of the base and
+        # 64 probes, then 10 generations of 8
+        evals_budget = (1 + 2 * len(experts)) * 4 + 8 * 10
         summary, evals, secs = run_search(search_config(repo, srv.url, experts, strategy, fit, evals_budget,
                                                         weight=(-1.0, 1.0)), tmp, "evo")
         st = summary["strategy"]
