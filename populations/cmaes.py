@@ -81,7 +81,8 @@ class CMAESConfig(Frozen):
                                 "finish, so workers do not wait for a generation's slowest candidate; each is told "
                                 "to pycma whole once complete (its samples may be a few updates old: a slight lag "
                                 "of the search per evaluation, see populations/cmaes.py). 0: generational CMA-ES "
-                                "(workers idle behind each generation); default ceil(1.5 x parallelism / popsize)")
+                                "(workers idle behind each generation); default ceil(1.5 x parallelism / popsize), "
+                                "or 0 where pycma adapts the step size by TPA")
     options: dict[str, Any] = Field(default_factory=dict, description="extra pycma options")
 
 
@@ -106,19 +107,24 @@ def default_overlap(parallelism: int, popsize: int) -> int:
     return max(1, math.ceil(1.5 * parallelism / popsize))
 
 
-def fit_for_overlap(es, x0, sigma0: float, opts: dict, ahead: int, keep_mirrors: bool = False):
-    """`es` (built from x0, sigma0, opts), made fit for `ahead` generations sampled ahead: with ahead > 0,
-    pycma's selective mirrors (its default below popsize 6) belong in the iteration told next, which
-    overlapping generations cannot promise, so es is built again without them (unless keep_mirrors: the
-    options ask for them); TPA step-size adaptation is refused (a UserError). ahead = 0: es as it is."""
+def fit_for_overlap(es, x0, sigma0: float, opts: dict, ahead: int, keep_mirrors: bool = False,
+                    explicit: bool = True):
+    """(es, ahead): `es` (built from x0, sigma0, opts), made fit for `ahead` generations sampled ahead: with
+    ahead > 0, pycma's selective mirrors (its default below popsize 6) belong in the iteration told next,
+    which overlapping generations cannot promise, so es is built again without them (unless keep_mirrors:
+    the options ask for them). TPA step-size adaptation (pycma's choice e.g. for separable CMA-ES in many
+    dimensions) needs each generation told before the next is sampled: an overlap the user set
+    (`explicit`) is refused (a UserError), the default one becomes 0. ahead = 0: es as it is."""
+    if ahead and getattr(es, "mean_shift_samples", False):
+        if explicit:
+            raise UserError("strategy.overlap: this step-size adaptation (TPA, pycma's for these options) needs "
+                            "each generation told before the next is sampled; set strategy.overlap: 0")
+        return es, 0
     if ahead and es.sp.lam_mirr and not keep_mirrors:
         import cma
 
         es = cma.CMAEvolutionStrategy(x0, sigma0, {**opts, "CMA_mirrors": 0})
-    if ahead and getattr(es, "mean_shift_samples", False):
-        raise UserError("strategy.options: this step-size adaptation (TPA) needs each generation told before "
-                        "the next is sampled; set strategy.overlap: 0")
-    return es
+    return es, ahead
 
 
 @dataclass
@@ -271,7 +277,8 @@ class CMAES(Strategy):
             raise UserError(f"strategy.options: pycma refused the options: {e}") from None
         self.popsize = es.popsize
         ahead = cfg.overlap if cfg.overlap is not None else default_overlap(run.parallelism, self.popsize)
-        es = fit_for_overlap(es, x0, cfg.sigma0, opts, ahead, keep_mirrors="CMA_mirrors" in cfg.options)
+        es, ahead = fit_for_overlap(es, x0, cfg.sigma0, opts, ahead, keep_mirrors="CMA_mirrors" in cfg.options,
+                                    explicit=cfg.overlap is not None)
         self.pipeline = GenerationPipeline(es, ahead)
 
     @property

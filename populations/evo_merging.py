@@ -464,7 +464,8 @@ class EvoMerging(Strategy):
         es = cma.CMAEvolutionStrategy(list(x0), self.cfg.sigma0, opts)
         self.popsize = int(es.popsize)
         ahead = self.ahead if self.ahead is not None else default_overlap(self.parallelism, self.popsize)
-        self.pipeline = GenerationPipeline(fit_for_overlap(es, list(x0), self.cfg.sigma0, opts, ahead), ahead)
+        es, ahead = fit_for_overlap(es, list(x0), self.cfg.sigma0, opts, ahead, explicit=self.ahead is not None)
+        self.pipeline = GenerationPipeline(es, ahead)
 
     # ask / tell ----------------------------------------------------------------------------------
     def ask(self, n: int) -> list[Candidate]:

@@ -181,12 +181,15 @@ def test_cmaes_loads_a_checkpoint_from_before_overlap():
     np.testing.assert_array_equal(np.stack([c.x for c in ref.ask(6)]), np.stack([c.x for c in st.ask(6)]))
 
 
-def test_cmaes_overlap_refuses_tpa():
+def test_cmaes_overlap_refuses_tpa_and_the_default_overlap_falls_back_to_generational():
     from cma.sigma_adaptation import CMAAdaptSigmaTPA
 
-    with pytest.raises(UserError, match="strategy.overlap: 0"):
-        CMAES(CMAESConfig(name="cmaes", popsize=6, options={"AdaptSigma": CMAAdaptSigmaTPA}), space(), seed=0,
-              run=RunContext())
+    with pytest.raises(UserError, match="strategy.overlap: this step-size adaptation"):
+        CMAES(CMAESConfig(name="cmaes", popsize=6, overlap=2, options={"AdaptSigma": CMAAdaptSigmaTPA}), space(),
+              seed=0, run=RunContext())
+    st = CMAES(CMAESConfig(name="cmaes", popsize=6, options={"AdaptSigma": CMAAdaptSigmaTPA}), space(), seed=0,
+               run=RunContext(parallelism=8))
+    assert st.pipeline.ahead == 0  # TPA (pycma's choice for separable CMA-ES in many dimensions): generational
     CMAES(CMAESConfig(name="cmaes", popsize=6, overlap=0, options={"AdaptSigma": CMAAdaptSigmaTPA}), space(),
           seed=0, run=RunContext())
 
