@@ -127,6 +127,14 @@ def fit_for_overlap(es, x0, sigma0: float, opts: dict, ahead: int, keep_mirrors:
     return es, ahead
 
 
+def generational_state(es: bytes, generation: list, fitness: list, sent: int) -> dict:
+    """A GenerationPipeline state (ahead 0) from a generational loop's: pickled es, the generation being
+    evaluated, its values so far and how many were sent (what checkpoints held before `overlap`)."""
+    countiter = int(pickle.loads(es).countiter)
+    gens = [{"index": countiter, "xs": generation, "f": fitness, "sent": sent}] if generation else []
+    return {"es": es, "ahead": 0, "sampled": countiter + len(gens), "gens": gens}
+
+
 @dataclass
 class Generation:
     """One pycma generation: its number (in the order sampled), the solutions as pycma
@@ -305,12 +313,7 @@ class CMAES(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         if "gens" not in state:  # a checkpoint from before `overlap`: that run resumes generational, as it began
-            es = pickle.loads(state["es"])
-            gens = []
-            if state["generation"]:
-                gens.append({"index": int(es.countiter), "xs": state["generation"], "f": state["fitness"],
-                             "sent": state["sent"]})
-            state = {"es": state["es"], "ahead": 0, "sampled": int(es.countiter) + len(gens), "gens": gens}
+            state = generational_state(state["es"], state["generation"], state["fitness"], state["sent"])
         self.pipeline.load_state_dict(state)
 
     def summary(self) -> dict:

@@ -70,7 +70,7 @@ from evomerge.errors import UserError
 from evomerge.schema import Frozen
 
 from .base import Candidate, Result, RunContext, SpaceInfo, Strategy
-from .cmaes import GenerationPipeline, Randn, default_overlap, fit_for_overlap
+from .cmaes import GenerationPipeline, Randn, default_overlap, fit_for_overlap, generational_state
 
 
 class EvoMergingConfig(Frozen):
@@ -552,12 +552,7 @@ class EvoMerging(Strategy):
         if "pipeline" not in state:  # a checkpoint from before stage 2's overlap: that run goes on generational
             pipe = None
             if state["es"] is not None:
-                es = pickle.loads(state["es"])
-                gens = []
-                if state["generation"]:
-                    gens.append({"index": int(es.countiter), "xs": state["generation"], "f": state["gen_fit"],
-                                 "sent": state["gen_sent"]})
-                pipe = {"es": state["es"], "ahead": 0, "sampled": int(es.countiter) + len(gens), "gens": gens}
+                pipe = generational_state(state["es"], state["generation"], state["gen_fit"], state["gen_sent"])
             state = {**state, "popsize": 0 if pipe is None else int(pickle.loads(state["es"]).popsize),
                      "pipeline": pipe, "ahead": 0}
         self.popsize, self.ahead = state["popsize"], state["ahead"]
