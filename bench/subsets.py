@@ -85,7 +85,7 @@ def main() -> None:
             row["examples_share_of_full"] = round(share, 4)
     results["table"] = table
     print(json.dumps(table, indent=2))
-    write_results("subsets", results)
+    print(f"wrote {write_results(ROOT / 'bench' / 'results' / 'subsets.json', results)}")
 
 
 if __name__ == "__main__":
