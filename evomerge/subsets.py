@@ -40,6 +40,7 @@ class ExamplePlan:
             self.k = min(int(sub), self.total)
         else:
             self.k = min(self.total, max(len(self.counts), int(round(sub * self.total))))
+        self._last: tuple = (None, None)  # the last cohort's draw: its candidates come one after another
         race = scoring.race
         self.m = None
         if race is not None:
@@ -62,10 +63,12 @@ class ExamplePlan:
         it (None: no racing), both sorted."""
         if self.k >= self.total and self.m is None:
             return None, None
-        o = self.order(key if self.scoring.resample else 0)
-        examples = None if self.k >= self.total else np.sort(o[:self.k])
-        first = None if self.m is None else np.sort(o[:self.m])
-        return examples, first
+        key = int(key) if self.scoring.resample else 0
+        if self._last[0] != key:
+            o = self.order(key)
+            self._last = (key, (None if self.k >= self.total else np.sort(o[:self.k]),
+                                None if self.m is None else np.sort(o[:self.m])))
+        return self._last[1]
 
 
 def examples_id(examples: np.ndarray) -> str:
