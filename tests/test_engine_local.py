@@ -196,7 +196,7 @@ def test_failures_are_logged_with_reasons_retried_and_penalised(tmp_path):
                  engine__failure_penalty=-5.0, engine__max_retries=1, engine__eval_timeout_s=0.3,
                  engine__workers=3, budget={"max_evals": 200}, **DETERMINISTIC)
     out = tmp_path / "run"
-    s = new_run(out, cfg, Faults(poison=0.02, stall=0.02).pool)
+    s = new_run(out, cfg, Faults(poison=0.04, stall=0.04).pool)
     log = evals(out)
     assert [e["id"] for e in log] == list(range(200))
     failed = [e for e in log if e.get("failed")]
