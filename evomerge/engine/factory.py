@@ -114,7 +114,8 @@ class Startup:
         strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=window(cfg.engine),
                                   max_evals=cfg.budget.max_evals,
                                   example_counts=None if counts is None else tuple(counts))
-        engine = Engine(cfg, space, strategy, pool, run, shared=shared, progress=self.progress)
+        engine = Engine(cfg, space, strategy, pool, run, shared=shared, progress=self.progress,
+                        example_counts=counts)  # the task files read once here, not again by the engine
         if self.resume:
             replayed = engine.restore()
             print(f"resuming {run.path}: {engine.ledger.counts['told']} evaluations done "

@@ -40,11 +40,12 @@ class Engine:
     Holds the `ledger` (the search's books), the `recorder` (the run directory's logs), the search
     seconds of earlier sessions (`elapsed_before`) and of this one (since `session_start`), and why the
     run stops (`stop_reason`; `stop_requested` from outside the loop: a signal, the fitness, no workers).
-    `shared` is the fitness's run-level resource, checkpointed with the engine's state.
+    `shared` is the fitness's run-level resource, checkpointed with the engine's state; `example_counts` the
+    fitness's (Fitness.example_counts, read by the caller; None: read here when `scoring` needs them).
     """
 
     def __init__(self, cfg: RunConfig, space: SearchSpace, strategy: Strategy, pool: WorkerPool, rundir: RunDir,
-                 shared=None, progress: bool = True):
+                 shared=None, progress: bool = True, example_counts: list[int] | None = None):
         self.cfg = cfg
         self.space = space
         self.strategy = strategy
@@ -56,7 +57,7 @@ class Engine:
         fitness = FITNESSES[cfg.fitness.name][1]
         plan = combine = None
         if cfg.scoring.active:  # preflight has checked that the fitness can score subsets
-            counts = fitness.example_counts(cfg.fitness)
+            counts = example_counts if example_counts is not None else fitness.example_counts(cfg.fitness)
             plan = ExamplePlan(counts, cfg.scoring, cfg.seed)
             if fitness.from_scores(cfg.fitness, counts, None, np.zeros(plan.total)) is not None:
                 def combine(examples, scores):
