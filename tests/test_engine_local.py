@@ -260,7 +260,9 @@ def test_a_worker_that_dies_or_hangs_is_replaced_and_nothing_is_lost_or_repeated
 
 def test_a_replacement_that_never_starts_is_given_up_and_the_run_goes_on(tmp_path, capsys):
     out = tmp_path / "run"
-    cfg = config(engine__workers=3, engine__worker_start_timeout_s=0.2, **DETERMINISTIC)
+    # 2 ms an evaluation: the run outlasts the replacement's 0.2 s to start (in process, it could end first)
+    cfg = config(engine__workers=3, engine__worker_start_timeout_s=0.2, fitness={"name": "synthetic", "delay_ms": 2},
+                 **DETERMINISTIC)
     s = new_run(out, cfg, Faults(die_on={1: 5}, no_replacement={1}).pool)
     assert [e["id"] for e in evals(out)] == list(range(600))
     assert s["stop_reason"] == "max_evals" and s["failed"] == 0 and s["worker_replacements"] == 1
