@@ -37,13 +37,15 @@ class Faults:
     """The make_worker of an InProcessPool, with faults: the first incarnation of worker w dies on its
     `die_on[w]`-th batch, or hangs on its `hang_on[w]`-th; a share `poison` of candidates kills any worker
     that scores it, a share `stall` hangs it (every attempt); the workers in `absent` never start, the
-    replacements of those in `no_replacement` never start; the driver is killed (DriverKilled) once more
+    replacements of those in `no_replacement` never start; a share `flaky` of candidates fails its first
+    attempt only (a transient error), whichever worker scores it; the driver is killed (DriverKilled) once more
     than `kill_after` candidates were scored; every candidate after `stop_after` is refused with StopRun."""
 
     def __init__(self, die_on=None, hang_on=None, poison=0.0, stall=0.0, absent=(), no_replacement=(),
-                 kill_after=None, stop_after=None):
+                 kill_after=None, stop_after=None, flaky=0.0):
         self.die_on, self.hang_on = die_on or {}, hang_on or {}
-        self.poison, self.stall = poison, stall
+        self.poison, self.stall, self.flaky = poison, stall, flaky
+        self.flaked: set[bytes] = set()
         self.absent, self.no_replacement = set(absent), set(no_replacement)
         self.kill_after, self.stop_after = kill_after, stop_after
         self.spawned = Counter()
@@ -76,6 +78,10 @@ class FaultyWorker(FitnessWorker):
         if f.kill_after is not None and f.scored + len(batch) > f.kill_after:
             raise DriverKilled
         out = super().evaluate(batch, examples)
+        for j, x in enumerate(batch):
+            if hit(x, f.flaky, b"f") and x.tobytes() not in f.flaked and out["errors"][j] is None:
+                f.flaked.add(x.tobytes())
+                out["errors"][j] = "RuntimeError: transient failure (first attempt)"
         if f.stop_after is not None and f.scored + len(batch) > f.stop_after:
             keep = max(f.stop_after - f.scored, 0)
             out["errors"] = [e if j < keep else "StopRun: API budget spent" for j, e in enumerate(out["errors"])]
@@ -191,12 +197,12 @@ def test_duplicate_candidates_are_served_from_the_cache(tmp_path, deterministic)
 
 
 def test_failures_are_logged_with_reasons_retried_and_penalised(tmp_path):
-    cfg = config(fitness={"name": "synthetic", "fail_rate": 0.04, "nan_rate": 0.04, "flaky_rate": 0.05},
+    cfg = config(fitness={"name": "synthetic", "fail_rate": 0.04, "nan_rate": 0.04, "flaky_rate": 0.02},
                  strategy={"name": "cmaes", "popsize": 8, "x0": "center"},
                  engine__failure_penalty=-5.0, engine__max_retries=1, engine__eval_timeout_s=0.3,
                  engine__workers=3, budget={"max_evals": 200}, **DETERMINISTIC)
     out = tmp_path / "run"
-    s = new_run(out, cfg, Faults(poison=0.04, stall=0.04).pool)
+    s = new_run(out, cfg, Faults(poison=0.04, stall=0.04, flaky=0.05).pool)
     log = evals(out)
     assert [e["id"] for e in log] == list(range(200))
     failed = [e for e in log if e.get("failed")]
