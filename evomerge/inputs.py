@@ -107,6 +107,19 @@ class MergeInputs:
         else:
             self.transfer_s = sum(timers) if timers else None
 
+    def whole(self, name: str) -> list[Tensor]:
+        """Every input of one tensor, whole and flat, on the device (the per-tensor methods,
+        `tensormerge.py`): views of the resident inputs, or (a streamed tensor) copies made now, freed
+        once the caller lets go of them."""
+        if name not in self.streamed:
+            return self.resident[name]
+        t0 = time.perf_counter()
+        out = [t.to(self.device) for t in self.sources[name]]
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.transfer_s = (self.transfer_s or 0.0) + time.perf_counter() - t0
+        return out
+
     def _stage(self, slot: "_Slot", name: str, off: int, cnt: int, timers: list) -> None:
         srcs = [t[off:off + cnt] for t in self.sources[name]]
         if not self.cuda:  # a CPU device: the staging buffers are the device buffers

@@ -5,7 +5,10 @@ A worker of an `hf_merge` space holds its *resident model* (the model merged int
 
 * task-vector methods (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties):
   the base and one task vector (expert - base) per expert, the deltas in `space.delta_dtype`;
-* `linear`: one full expert per expert (no base); `slerp`: the base and its one expert.
+* `linear`: one full expert per expert (no base); `slerp`: the base and its one expert;
+* the per-tensor methods (della, sce, ram, model_stock, nuslerp, multislerp, karcher, nearswap, ...:
+  `methods.Method.kernel` "tensor"): the base and every expert, raw. They merge one whole tensor at a
+  time, so what is streamed is staged a whole tensor at a time (all its inputs together), not in slices.
 
 Base and experts keep their checkpoint dtype. Each input is placed in a tier: `device` (beside the
 resident model), `host` (host memory: the page cache of the memory-mapped files, read ahead at start-up,
@@ -160,6 +163,8 @@ def inputs_of(method: str, labels: list[str] | tuple[str, ...]) -> list[tuple[st
         return [("base", "base"), ("expert", labels[0])]
     if inputs == "task_vectors":
         return [("base", "base"), *[("delta", lbl) for lbl in labels]]
+    if inputs == "base_experts":
+        return [("base", "base"), *[("expert", lbl) for lbl in labels]]
     raise ValueError(f"method {method}: no memory plan for it")
 
 
@@ -271,10 +276,14 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
     if total <= budget - resident - reserve:
         return _plan(_all("device"), 0)
     room = budget - resident - reserve
-    staging = 2 * len(kinds) * min(memory.slice_mib * MIB, largest)
+    whole = METHODS[method].kernel == "tensor" if method in METHODS else False
+    # per-tensor methods stage one whole tensor's inputs at a time (not double-buffered), slices otherwise
+    staging = len(kinds) * largest if whole else 2 * len(kinds) * min(memory.slice_mib * MIB, largest)
     if staging > room:
-        why = (f"space.memory: the streaming buffers ({gib(staging)}: 2 x {len(kinds)} inputs x up to "
-               f"{memory.slice_mib} MiB) do not fit beside the resident model ({gib(resident)}) and the reserve "
+        what = (f"{len(kinds)} inputs x the largest tensor, {gib(largest)}" if whole else
+                f"2 x {len(kinds)} inputs x up to {memory.slice_mib} MiB")
+        why = (f"space.memory: the streaming buffers ({gib(staging)}: {what}) do not fit beside the resident model "
+               f"({gib(resident)}) and the reserve "
                f"({gib(reserve)}) in the budget ({gib(budget)}{gpu}); lower memory.slice_mib or "
                f"memory.reserve_gib, or use a GPU with more memory")
         return _plan({}, staging, False, why)

@@ -200,14 +200,30 @@ def slerp(t: float, v0: Tensor, v1: Tensor, out: Tensor, dot_threshold: float = 
 def merge_tensor(method: str, name: str, base: Tensor, experts: Sequence[Tensor], out: Tensor, *,
                  weights: Sequence[float] | None = None, density: Sequence[float] | None = None,
                  gamma: Sequence[float] | None = None, t: float | None = None, normalize: bool | None = None,
-                 seed: int = 0, deltas: Sequence[Tensor] | None = None) -> Tensor:
+                 seed: int = 0, deltas: Sequence[Tensor] | None = None, params: dict | None = None,
+                 options: dict | None = None) -> Tensor:
     """Merge one tensor by `method` (an entry of `methods.METHODS`) into `out`. Per-expert parameters are
     sequences, one per expert; a parameter not given takes its `methods.PARAMS` unset value.
 
     `deltas` (expert - base, precomputed once per run) spare the subtraction; `linear` weights
-    the experts themselves, and `slerp` goes from base (t = 0) to the single expert (t = 1).
+    the experts themselves, and `slerp` goes from base (t = 0) to the single expert (t = 1). The per-tensor
+    methods (`tensor_methods.py`) take their parameters as `params` ({param: values}, e.g. epsilon,
+    select_topk) beside weights / density / t, and their settings as `options` (the method's defaults first).
     """
     m, n = method_entry(method), len(experts)
+    if m.kernel == "tensor":
+        from .tensor_methods import IMPLEMENTATIONS
+
+        group = dict(params or {})
+        for p, v in (("weight", weights), ("density", density), ("gamma", gamma), ("t", None if t is None else [t])):
+            if v is not None and p in m.params:
+                group[p] = list(v)
+        for p in m.params:
+            group.setdefault(p, [PARAMS[p].unset] * (1 if PARAMS[p].shared else n))
+        impl = IMPLEMENTATIONS[method]({**dict(m.options), **(options or {})}, n, normalize)
+        with torch.no_grad():
+            impl.merge(name, base, list(experts), group, impl.prepare(name, base, list(experts)), seed, out)
+        return out
     normalize = m.normalize if normalize is None else normalize
     if m.inputs == "slerp":
         if n != 1:

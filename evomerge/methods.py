@@ -13,20 +13,27 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Param:
-    """A searched per-expert parameter (mergekit's name): its default search range, the values it may take
-    (None: any) and the value a merge uses where a recipe's group does not give it."""
+    """A searched parameter (mergekit's name): its default search range, the values it may take (None: any),
+    the value a merge uses where a recipe's group does not give it, and whether it is one value per expert
+    (mergekit's per-model parameters) or `shared`: one value per tensor group (mergekit's global parameters,
+    which it also takes per tensor). A method may override the search range and validity (`Method.ranges`)."""
 
     name: str
     search: tuple[float, float]
     valid: tuple[float, float] | None
     unset: float
+    shared: bool = False
 
 
 PARAMS = {p.name: p for p in (
     Param("weight", (0.0, 1.0), None, 1.0),
     Param("density", (0.1, 1.0), (1e-6, 1.0), 1.0),
     Param("gamma", (0.0, 0.05), (0.0, 1.0), 0.01),
-    Param("t", (0.0, 1.0), (0.0, 1.0), 0.5),
+    Param("epsilon", (0.0, 0.1), (0.0, 1.0), 0.15),  # DELLA: keep probabilities density -/+ epsilon by rank
+    Param("t", (0.0, 1.0), (0.0, 1.0), 0.5, shared=True),
+    Param("select_topk", (0.1, 1.0), (0.0, 1.0), 1.0, shared=True),  # SCE: share of entries kept by variance
+    Param("r", (0.0, 0.5), (0.0, None), 0.1, shared=True),  # RAM+: the rescale strength
+    Param("alpha", (0.0, 0.5), (0.0, None), 0.2, shared=True),  # RAM+: the cap of the overlap ratio
 )}
 
 
@@ -42,6 +49,11 @@ class Method:
     consensus: TIES sign election. normalize: the default of `normalize` (divide by the sum of weights).
     linear_in_weights: the merged tensor is linear in the weights (gradient oracles can differentiate it).
     mergekit: mergekit's `merge_method` (None: no mergekit equivalent). doc: the README catalog's line.
+    kernel: "slice" (the elementwise slice kernels of `kernels.py`) or "tensor" (a per-tensor implementation of
+    `tensor_methods.IMPLEMENTATIONS`, which reads inputs "base_experts": the base and every expert, raw).
+    ranges: (param, search range, valid (low, high; None: unbounded)) overriding `PARAMS` for this method.
+    options: (mergekit's name, default) of the method's settings that are not searched (space.options).
+    experts: (fewest, most) experts the method merges (most None: any number).
     """
 
     name: str
@@ -53,6 +65,10 @@ class Method:
     linear_in_weights: bool
     mergekit: str | None
     doc: str
+    kernel: str = "slice"
+    ranges: tuple[tuple[str, tuple[float, float], tuple[float | None, float | None] | None], ...] = ()
+    options: tuple[tuple[str, bool | int | float], ...] = ()
+    experts: tuple[int, int | None] = (1, None)
 
     @property
     def by_magnitude(self) -> bool:
@@ -87,9 +103,57 @@ METHODS = {m.name: m for m in (
            "spherical interpolation between the base and one expert at t, tensor by tensor"),
 )}
 
+_TENSOR = dict(inputs="base_experts", mask=None, consensus=False, normalize=False, linear_in_weights=False,
+               kernel="tensor")
+METHODS.update({m.name: m for m in (
+    Method("della", ("weight", "density", "epsilon"), mergekit="della", options=(("rescale", True),),
+           **{**_TENSOR, "consensus": True, "normalize": True},
+           doc="task vectors pruned at random with keep probabilities density -/+ epsilon by magnitude rank "
+               "within each row (DELLA's MagPrune), rescaled to their L1 norm, TIES sign election"),
+    Method("della_linear", ("weight", "density", "epsilon"), mergekit="della_linear", options=(("rescale", True),),
+           doc="DELLA's MagPrune without sign election: the pruned task vectors added with their weights",
+           **_TENSOR),
+    Method("sce", ("select_topk",), mergekit="sce", doc="task vectors kept where their variance across experts is "
+           "in the top `select_topk` share, weighted by their mean square, TIES-style sign election (SCE)",
+           **_TENSOR),
+    Method("ram", (), mergekit="ram", options=(("epsilon", 1e-5),),
+           doc="task-vector entries changed by one expert added whole, entries changed by several averaged "
+               "(Reinforced Agent Merging)", **_TENSOR),
+    Method("ramplus_tl", ("r", "alpha"), mergekit="ramplus_tl", options=(("epsilon", 1e-5),),
+           doc="RAM with each expert's unique entries scaled by 1 + r x min(overlap ratio, alpha), per tensor",
+           **_TENSOR),
+    Method("model_stock", (), mergekit="model_stock", options=(("filter_wise", False),), experts=(2, None),
+           doc="the experts' average pulled towards the base by the mean angle between their task vectors "
+               "(Model Stock)", **_TENSOR),
+    Method("nuslerp", ("weight",), mergekit="nuslerp", experts=(2, 2),
+           options=(("nuslerp_flatten", True), ("nuslerp_row_wise", False), ("use_base", False)),
+           doc="spherical interpolation of two experts (of their task vectors with use_base) at t = w2 / (w1 + w2), "
+               "whole tensors or row by row", **_TENSOR),
+    Method("multislerp", ("weight",), mergekit="multislerp",
+           options=(("normalize_weights", True), ("eps", 1e-8), ("use_base", False)),
+           doc="barycentric interpolation of the experts (of their task vectors with use_base) on the hypersphere",
+           **_TENSOR),
+    Method("karcher", (), mergekit="karcher", options=(("max_iter", 10), ("tol", 1e-5), ("use_base", False)),
+           doc="the Riemannian (Karcher) mean of the models on the hypersphere, scaled by their mean norm", **_TENSOR),
+    Method("nearswap", ("t",), mergekit="nearswap", experts=(1, 1), ranges=(("t", (0.0, 0.01), (0.0, None)),),
+           doc="the base, with each entry moved to the expert's by min(1, t / |expert - base|): entries that "
+               "differ by less than t are swapped", **_TENSOR),
+    Method("arcee_fusion", (), mergekit="arcee_fusion", experts=(1, 1),
+           doc="the base, with the expert's entries where their importance (|difference| x the rows' KL divergence) "
+               "passes a dynamic quantile threshold (Arcee Fusion)", **_TENSOR),
+)})
+
 # the methods gradient oracles can differentiate, task-vector methods first (as the messages name them)
 GRADIENT_METHODS = tuple(sorted((name for name, m in METHODS.items() if m.linear_in_weights),
                                 key=lambda name: not METHODS[name].task_vectors))
+
+
+def param_range(method_name: str, param: str) -> tuple[tuple[float, float], tuple[float | None, float | None] | None]:
+    """(default search range, valid values) of a parameter for a method: the method's override, else `PARAMS`."""
+    for name, search, valid in METHODS[method_name].ranges:
+        if name == param:
+            return search, valid
+    return PARAMS[param].search, PARAMS[param].valid
 
 
 def method(name: str) -> Method:

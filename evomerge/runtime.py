@@ -85,6 +85,9 @@ def merge_sources(space, names: list[str], tv_dir: Path | None) -> tuple[dict, d
         elif inputs == "slerp":
             sources[n] = [space.base.tensor(n), space.experts[labels[0]].tensor(n)]
             kinds[n] = [("base", "base"), ("expert", labels[0])]
+        elif inputs == "base_experts":
+            sources[n] = [space.base.tensor(n), *[space.experts[lbl].tensor(n) for lbl in labels]]
+            kinds[n] = [("base", "base"), *[("expert", lbl) for lbl in labels]]
         else:
             sources[n] = [space.base.tensor(n), *[tv[n] for tv in tvs]]
             kinds[n] = [("base", "base"), *[("delta", lbl) for lbl in labels]]
@@ -133,6 +136,14 @@ class MergeRuntime(ResidentModel):
         slerp = entry.inputs == "slerp"
         compiled = cfg.kernel == "compiled" or (cfg.kernel == "auto" and auto_compiled(
             self.device.type, method, sum(t.numel() for t in self.targets.values())))
+        if entry.kernel == "tensor":  # per-tensor methods: whole tensors, eager (tensormerge.py)
+            from .tensor_methods import IMPLEMENTATIONS
+            from .tensormerge import TensorMerger
+
+            impl = IMPLEMENTATIONS[method](space.options, len(labels), cfg.normalize)
+            self.merger = TensorMerger(impl, {n: tuple(self.targets[n].shape) for n in self.floats})
+            self.last_transfer_s = None
+            return
         self.merger = Merger(spec_for(method, 1 if slerp else len(labels), cfg.normalize), self.device, tables,
                              {n: slerp_stats(*self.sources[n]) for n in self.floats} if slerp else {}, compiled)
         if compiled:  # compile now (seconds to tens of seconds), not inside the first candidate's merge_s
@@ -143,6 +154,7 @@ class MergeRuntime(ResidentModel):
         """Merge the recipe into the resident model's parameters, in place."""
         groups = {n: recipe["groups"][self.space.tensor_group[n]] for n in self.floats}
         outs = {n: self.targets[n].data.view(-1) for n in self.floats}  # targets may be re-pointed (tests)
+        self.inputs.transfer_s = None
         self.merger.run(self.inputs, outs, groups, recipe.get("seed", 0))
         self.last_transfer_s = self.inputs.transfer_s
         return self.model

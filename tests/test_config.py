@@ -118,6 +118,8 @@ def _bad(tp, leaf: type, value):
     if origin in (typing.Union, types.UnionType):
         if leaf is int and any(a in (bool, float) for a in args):
             return None  # int | float (a float then) or a boolean is allowed: not this check's case
+        if isinstance(value, bool) and bool in args:
+            return None  # a union that takes booleans (e.g. space.options): a boolean is allowed
         return next((b for a in args if (b := _bad(a, leaf, value)) is not None), None)
     if origin in (list, set, frozenset) or origin is tuple and args[-1:] == (Ellipsis,):
         b = _bad(args[0], leaf, value)

@@ -24,11 +24,14 @@ from pydantic import Field, model_validator
 
 from ..errors import UserError
 from ..memplan import MemoryConfig, Plan
-from ..methods import GRADIENT_METHODS, METHODS, PARAMS
+from ..methods import GRADIENT_METHODS, METHODS, PARAMS, param_range
 from ..schema import Frozen
 from .merge_types import CheckpointSpace, Models, Range, cache_root, files_key, resolve_models
 
 _DEFAULTS = ", ".join(f"{p.name} [{p.search[0]:g}, {p.search[1]:g}]" for p in PARAMS.values())
+# the methods with mergekit's `normalize` (divide by the sum of weights)
+_NORMALIZED = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+               "della", "della_linear")
 
 
 class HFMergeSpaceConfig(Frozen):
@@ -44,6 +47,9 @@ class HFMergeSpaceConfig(Frozen):
         description="per-expert parameters: a number fixes it, {low, high} searches it; "
                     f"defaults {_DEFAULTS}")
     normalize: bool | None = Field(None, description="divide by the sum of weights; default mergekit's per method")
+    options: dict[str, bool | int | float] = Field(
+        default_factory=dict, description="the method's settings that are not searched, with mergekit's names "
+                                          "and defaults (see the method catalog), e.g. {rescale: false} for della")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the resident model; auto: the checkpoint's (config.json torch_dtype)")
     kernel: Literal["auto", "compiled", "eager"] = Field(
@@ -61,16 +67,32 @@ class HFMergeSpaceConfig(Frozen):
 
     @model_validator(mode="after")
     def _params_fit_method(self):
-        allowed = METHODS[self.method].params
+        entry = METHODS[self.method]
+        allowed = entry.params
         for k, v in self.params.items():
             if k not in allowed:
-                raise ValueError(f"params.{k}: method {self.method} takes {', '.join(allowed)}")
+                raise ValueError(f"params.{k}: method {self.method} takes "
+                                 f"{', '.join(allowed) if allowed else 'no searched parameters'}")
             lo, hi = (v.low, v.high) if isinstance(v, Range) else (v, v)
-            valid = PARAMS[k].valid
-            if valid is not None and (lo < valid[0] or hi > valid[1]):
-                raise ValueError(f"params.{k}: must lie in [{valid[0]}, {valid[1]}]")
-        if METHODS[self.method].inputs == "slerp" and len(self.models.experts) != 1:
+            valid = param_range(self.method, k)[1]
+            if valid is not None and ((valid[0] is not None and lo < valid[0]) or
+                                      (valid[1] is not None and hi > valid[1])):
+                raise ValueError(f"params.{k}: must lie in [{valid[0]}, {'inf' if valid[1] is None else valid[1]}]")
+        defaults = dict(entry.options)
+        for k, v in self.options.items():
+            if k not in defaults:
+                raise ValueError(f"options.{k}: method {self.method} takes "
+                                 f"{', '.join(defaults) if defaults else 'no options'}")
+            if type(v) is not type(defaults[k]) and not (isinstance(defaults[k], float) and type(v) is int):
+                raise ValueError(f"options.{k}: a {type(defaults[k]).__name__} (default {defaults[k]!r})")
+        if self.normalize is not None and self.method not in _NORMALIZED:
+            raise ValueError(f"normalize: method {self.method} has no normalize setting")
+        n, (least, most) = len(self.models.experts), entry.experts
+        if METHODS[self.method].inputs == "slerp" and n != 1:
             raise ValueError("slerp merges the base with exactly one expert")
+        if n < least or (most is not None and n > most):
+            want = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least}-{most}"
+            raise ValueError(f"models.experts: method {self.method} merges {want} expert(s), got {n}")
         return self
 
 
@@ -95,24 +117,31 @@ class HFMergeSpace(CheckpointSpace):
         self.groups = sorted(set(self.tensor_group.values()), key=_group_order)
         searched, self.fixed = [], {}
         for p in METHODS[cfg.method].params:
-            v = cfg.params.get(p, Range(low=PARAMS[p].search[0], high=PARAMS[p].search[1]))
+            lo, hi = param_range(cfg.method, p)[0]
+            v = cfg.params.get(p, Range(low=lo, high=hi))
             if isinstance(v, Range) and v.low < v.high:
                 searched.append((p, v))
             else:
                 self.fixed[p] = v.low if isinstance(v, Range) else float(v)
+        self.options = {**dict(METHODS[cfg.method].options), **cfg.options}
         self.layout = [(g, p, e) for g in self.groups for p, _ in searched
-                       for e in (self.labels[:self.per_group()])]
+                       for e in (self.labels[:self.per_group(p)])]
         ranges = {p: v for p, v in searched}
         self.lower = np.array([ranges[p].low for _, p, _ in self.layout], np.float64)
         self.upper = np.array([ranges[p].high for _, p, _ in self.layout], np.float64)
         self.dim = len(self.layout)
         if self.dim == 0:
+            if not METHODS[cfg.method].params:
+                raise UserError(f"space.method: {cfg.method} has no parameter to search (mergekit's {cfg.method} "
+                                f"takes none per model or tensor); merge it once with `run.py export`'s "
+                                f"--mergekit YAML, or search a method that has (see the method catalog)")
             raise UserError("space.params: every parameter is fixed: nothing to search")
         self.runtime = None
 
-    def per_group(self) -> int:
-        """Values of each parameter per group: one per expert (slerp: one t)."""
-        return 1 if METHODS[self.cfg.method].inputs == "slerp" else len(self.labels)
+    def per_group(self, param: str) -> int:
+        """Values of a parameter per group: one per expert, or one (a shared parameter: slerp's t, sce's
+        select_topk)."""
+        return 1 if PARAMS[param].shared else len(self.labels)
 
     # the vector <-> recipe ------------------------------------------------------------------
     def seeds(self) -> list[np.ndarray]:
@@ -120,10 +149,13 @@ class HFMergeSpace(CheckpointSpace):
 
     def decode(self, x: np.ndarray) -> dict:
         x = np.clip(np.asarray(x, np.float64), self.lower, self.upper)
-        n = self.per_group()
-        groups = {g: {p: [v] * n for p, v in self.fixed.items()} for g in self.groups}
+        groups = {g: {p: [v] * self.per_group(p) for p, v in self.fixed.items()} for g in self.groups}
         for (g, p, e), v in zip(self.layout, x):
             groups[g].setdefault(p, []).append(round(float(v), 7))
+        if "epsilon" in METHODS[self.cfg.method].params:  # DELLA: density -/+ epsilon must lie in (0, 1)
+            for values in groups.values():
+                values["epsilon"] = [e if d >= 1 else round(min(e, 0.999 * min(d, 1 - d)), 7)
+                                     for d, e in zip(values["density"], values["epsilon"])]
         return self.recipe_of(groups)
 
     def recipe_of(self, groups: dict[str, dict[str, list[float]]], method: str | None = None) -> dict:
@@ -133,11 +165,14 @@ class HFMergeSpace(CheckpointSpace):
         recipe = {"method": method or self.cfg.method, "experts": self.labels, "groups": groups, "seed": self.seed}
         if method is None and self.cfg.normalize is not None:
             recipe["normalize"] = self.cfg.normalize
+        if method is None and self.options:
+            recipe["options"] = dict(self.options)
         return recipe
 
     def describe(self) -> dict:
         return {"dim": self.dim, "method": self.cfg.method, "experts": self.labels, "groups": self.groups,
-                "fixed": self.fixed, "tensors": len(self.tensor_group),
+                "fixed": self.fixed, **({"options": self.options} if self.options else {}),
+                "tensors": len(self.tensor_group),
                 "layout": [f"{g}/{p}/{e}" + f" [{lo:g}, {hi:g}]" for (g, p, e), lo, hi
                            in zip(self.layout, self.lower, self.upper)]}
 
@@ -173,13 +208,21 @@ class HFMergeSpace(CheckpointSpace):
             cfg["models"] = [{"model": base}, {"model": experts[0]}]
             cfg["parameters"] = {"t": per_tensor("t", 0)}
             return cfg
-        params = [p for p in ("weight", "density", "gamma") if any(p in g for g in groups.values())]
-        cfg["models"] = [{"model": path, "parameters": {p: per_tensor(p, i) for p in params}}
+        options = dict(recipe.get("options", {}))
+        use_base = options.pop("use_base", True)
+        present = {p for g in groups.values() for p in g}
+        own = [p for p in PARAMS if p in present and not PARAMS[p].shared]
+        shared = [p for p in entry.params if p in present and PARAMS[p].shared]
+        cfg["models"] = [{"model": path, **({"parameters": {p: per_tensor(p, i) for p in own}} if own else {})}
                          for i, path in enumerate(experts)]
-        if entry.task_vectors:
+        if entry.task_vectors or (entry.kernel == "tensor" and use_base):
             cfg["base_model"] = base
+        top = {p: per_tensor(p, 0) for p in shared}
         if "normalize" in recipe:
-            cfg["parameters"] = {"normalize": recipe["normalize"]}
+            top["normalize"] = recipe["normalize"]
+        top.update(options)
+        if top:
+            cfg["parameters"] = top
         return cfg
 
     @classmethod
