@@ -139,7 +139,7 @@ def catalog() -> list[str]:
     from evomerge.fitness import FITNESSES
     from evomerge.populations import STRATEGIES
 
-    from .methods import METHODS
+    from .methods import METHODS, PARAMS, param_range
     from .spaces import SPACES
 
     lines = ["### Strategies", "",
@@ -152,9 +152,23 @@ def catalog() -> list[str]:
     for name, (_, impl) in SPACES.items():
         lines.append(f"| `{name}` | {_cell(_doc(impl))} |")
     lines += ["", "### Merge methods (`space.method` of `hf_merge`)", "",
-              "| method | searched parameters (per group and expert) | what it computes |", "| --- | --- | --- |"]
+              "mergekit 0.1.5's methods with its names and defaults. Searched parameters take one value per expert "
+              "and tensor group, or (*shared*) one per group, in their default range (`space.params` overrides it "
+              "or fixes a value); settings are `space.options`. `passthrough` (layer stacking) is the `hf_layers` "
+              "space.", "",
+              "| method | searched parameters [default range] | settings (`space.options`) | experts "
+              "| what it computes |",
+              "| --- | --- | --- | --- | --- |"]
     for name, m in METHODS.items():
-        lines.append(f"| `{name}` | {', '.join(m.params)} | {_cell(m.doc)} |")
+        searched = ", ".join(f"{p}{' (shared)' if PARAMS[p].shared else ''} "
+                             f"[{param_range(name, p)[0][0]:g}, {param_range(name, p)[0][1]:g}]"
+                             for p in m.params) or "none"
+        options = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in m.options) or "-"
+        least, most = m.experts
+        count = f"{least}" if least == most else f"{least}+" if most is None else f"{least}-{most}"
+        if m.inputs == "slerp":
+            count = "1"
+        lines.append(f"| `{name}` | {searched} | {options} | {count} | {_cell(m.doc)} |")
     lines += ["", "### Fitness types", "", "| `fitness.name` | spaces | what it scores |", "| --- | --- | --- |"]
     for name, (_, impl) in FITNESSES.items():
         lines.append(f"| `{name}` | {', '.join(impl.spaces)} | {_cell(_doc(impl))} |")

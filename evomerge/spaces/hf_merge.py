@@ -133,8 +133,8 @@ class HFMergeSpace(CheckpointSpace):
         if self.dim == 0:
             if not METHODS[cfg.method].params:
                 raise UserError(f"space.method: {cfg.method} has no parameter to search (mergekit's {cfg.method} "
-                                f"takes none per model or tensor); merge it once with `run.py export`'s "
-                                f"--mergekit YAML, or search a method that has (see the method catalog)")
+                                f"takes no value per model or tensor: it gives one model); search a method "
+                                f"that has parameters (the README's method catalog)")
             raise UserError("space.params: every parameter is fixed: nothing to search")
         self.runtime = None
 
