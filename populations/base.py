@@ -67,6 +67,9 @@ class RunContext:
     # search examples per task of the fitness (Fitness.example_counts), in the order the per-example
     # scores are concatenated; None: the fitness cannot score a subset (Candidate.examples unusable)
     example_counts: tuple[int, ...] | None = None
+    # the fitness's objectives (Fitness.objectives: metric names in Result.metrics, higher is better) when it
+    # has two or more, else () (one objective: the fitness)
+    objectives: tuple[str, ...] = ()
 
 
 class Strategy(ABC):
@@ -94,6 +97,11 @@ class Strategy(ABC):
     @classmethod
     def preflight(cls, cfg, dim: int) -> None:
         """Refuse a config that cannot work in `dim` dimensions, before anything heavy starts."""
+
+    @classmethod
+    def check_objectives(cls, cfg, objectives: Sequence[str]) -> None:
+        """Refuse a config that cannot work with the fitness's objectives (RunContext.objectives: two or
+        more, else none), before anything heavy starts (e.g. a multi-objective algorithm on one objective)."""
 
     @classmethod
     def extra_metrics(cls, cfg) -> tuple[str, ...]:

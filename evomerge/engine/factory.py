@@ -31,6 +31,7 @@ def preflight(cfg: RunConfig) -> SearchSpace:
     space = build_space(cfg.space, cfg.seed)
     strategy = STRATEGIES[cfg.strategy.name][1]
     strategy.preflight(cfg.strategy, space.dim)
+    strategy.check_objectives(cfg.strategy, tuple(fitness.objectives(cfg.fitness)))
     check_scoring(cfg)
     if "weight_gradient" in strategy.extra_metrics(cfg.strategy):
         space.check_weight_gradient()
@@ -113,7 +114,8 @@ class Startup:
         counts = FITNESSES[cfg.fitness.name][1].example_counts(cfg.fitness)
         strategy = build_strategy(cfg.strategy, info, cfg.seed, parallelism=window(cfg.engine),
                                   max_evals=cfg.budget.max_evals,
-                                  example_counts=None if counts is None else tuple(counts))
+                                  example_counts=None if counts is None else tuple(counts),
+                                  objectives=tuple(FITNESSES[cfg.fitness.name][1].objectives(cfg.fitness)))
         engine = Engine(cfg, space, strategy, pool, run, shared=shared, progress=self.progress,
                         example_counts=counts)  # the task files read once here, not again by the engine
         if self.resume:
