@@ -245,6 +245,7 @@ class Pymoo(Strategy):
             warnings.simplefilter("ignore")
             self.algorithm.setup(problem, termination=NoTermination())
         self.pop = None  # the population being handed out and told
+        self.single = False  # the algorithm asked one Individual (told back as one)
         self.f: list[np.ndarray | None] = []  # its minimised objective values, None until told
         self.sent = 0
         self.generation = 0  # populations asked so far
@@ -270,11 +271,11 @@ class Pymoo(Strategy):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(2):
-                    pop = alg.ask()
-                    if pop is None or len(pop) == 0:
+                    pop, single = _ask(alg)
+                    if pop is None:
                         break
                     _evaluate(alg, pop, rng.random((len(pop), self.n_obj)))
-                    alg.tell(infills=pop)
+                    alg.tell(infills=pop[0] if single else pop)
             pickle.loads(dumps(alg))
         except Exception as e:  # noqa: BLE001 - whatever stops pickling stops checkpoints
             raise UserError(f"strategy.algorithm: pymoo's {type(self.algorithm).__name__} cannot be pickled "
@@ -287,8 +288,8 @@ class Pymoo(Strategy):
                 return []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pop = self.algorithm.ask()
-            if pop is None or len(pop) == 0:  # e.g. mating found no new offspring: pymoo has terminated
+                pop, self.single = _ask(self.algorithm)
+            if pop is None:  # e.g. mating found no new offspring: pymoo has terminated
                 self.ended = True
                 return []
             self.pop, self.f, self.sent = pop, [None] * len(pop), 0
@@ -329,7 +330,7 @@ class Pymoo(Strategy):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _evaluate(self.algorithm, pop, F)
-            self.algorithm.tell(infills=pop)
+            self.algorithm.tell(infills=pop[0] if self.single else pop)
 
     @property
     def done(self) -> bool:
@@ -337,11 +338,11 @@ class Pymoo(Strategy):
 
     def state_dict(self) -> dict:
         # one pickle: the population handed out stays the very object the algorithm made
-        return {"blob": dumps((self.algorithm, self.pop, self.f, self.sent, self.generation, self.steps,
-                               self.worst, self.ended))}
+        return {"blob": dumps((self.algorithm, self.pop, self.single, self.f, self.sent, self.generation,
+                               self.steps, self.worst, self.ended))}
 
     def load_state_dict(self, state: dict) -> None:
-        (self.algorithm, self.pop, self.f, self.sent, self.generation, self.steps, self.worst,
+        (self.algorithm, self.pop, self.single, self.f, self.sent, self.generation, self.steps, self.worst,
          self.ended) = pickle.loads(state["blob"])
 
     def _optimum(self) -> np.ndarray | None:
@@ -370,6 +371,19 @@ class Pymoo(Strategy):
             else:
                 out["best"] = float(-F.min())
         return out
+
+
+def _ask(algorithm):
+    """(population, single) of algorithm.ask(): single when it asked one Individual (sequential algorithms,
+    told back the Individual); (None, False) when it has nothing more to ask (pymoo terminated)."""
+    from pymoo.core.population import Population
+
+    asked = algorithm.ask()
+    if asked is None:
+        return None, False
+    if not isinstance(asked, Population):
+        return Population.create(asked), True
+    return (asked, False) if len(asked) else (None, False)
 
 
 def _evaluate(algorithm, pop, F: np.ndarray) -> None:
