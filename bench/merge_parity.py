@@ -5,10 +5,8 @@
     python bench/merge_parity.py --skip-parity --hidden 768 --layers 12 --intermediate 2048 --vocab 8192
     python bench/merge_parity.py --mergekit /path/to/mergekit-yaml
 
-mergekit is not a dependency of evomerge: install it in its own venv, e.g.
-`python3 -m venv /work/mkvenv && /work/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5`.
-The executable is `--mergekit`, else $EVOMERGE_MERGEKIT_YAML, else `mergekit-yaml` on PATH,
-else /work/mkvenv/bin/mergekit-yaml.
+mergekit 0.1.5 is in the dev extra (`pip install -e '.[dev]'`). The executable is `--mergekit`, else
+`mergekit-yaml` beside this Python (the venv's), else $EVOMERGE_MERGEKIT_YAML, else `mergekit-yaml` on PATH.
 
 Parity: a tiny LlamaForCausalLM (random init, fixed seed) is the base, three experts are the
 base plus different small Gaussian perturbations (so their signs disagree and TIES' sign
@@ -59,9 +57,10 @@ SLERP_T = 0.3
 
 
 def find_mergekit(explicit: str | None = None) -> str | None:
-    """The mergekit-yaml executable: explicit, $EVOMERGE_MERGEKIT_YAML, PATH, /work/mkvenv."""
-    for candidate in (explicit, os.environ.get("EVOMERGE_MERGEKIT_YAML"), shutil.which("mergekit-yaml"),
-                      "/work/mkvenv/bin/mergekit-yaml"):
+    """The mergekit-yaml executable: explicit, beside sys.executable (the venv's, also when PATH lacks the venv's
+    bin, as under `make test`), $EVOMERGE_MERGEKIT_YAML, PATH."""
+    for candidate in (explicit, str(Path(sys.executable).parent / "mergekit-yaml"),
+                      os.environ.get("EVOMERGE_MERGEKIT_YAML"), shutil.which("mergekit-yaml")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -183,13 +182,15 @@ def run_mergekit(exe: str, config: dict, out_dir: Path, *, seed: int = 0) -> flo
     return time.perf_counter() - t0
 
 
-def run_mergekit_many(exe: str, jobs: list[tuple[dict, Path]]) -> None:
+def run_mergekit_many(exe: str, jobs: list[tuple[dict, Path]], *, seed: int = 0) -> None:
     """`mergekit-yaml` on every (config, out) job, all in one Python process when `exe` is a Python console
     script (importing mergekit alone takes ~8 s): its own command, `mergekit.scripts.run_yaml.main`, called
-    once per job; otherwise one process per job."""
+    once per job; otherwise one process per job. Each job seeds torch's generator with `seed` (mergekit's
+    --random-seed: its DARE / DELLA masks are reproducible)."""
     import yaml
 
-    argvs = [_mergekit_argv(yaml.safe_dump(config, sort_keys=False), out_dir) for config, out_dir in jobs]
+    argvs = [_mergekit_argv(yaml.safe_dump(config, sort_keys=False), out_dir, "--random-seed", str(seed))
+             for config, out_dir in jobs]
     first = Path(exe).read_bytes()[:512].split(b"\n")[0].decode(errors="replace")
     python = first[2:].strip() if first.startswith("#!") and "python" in first and " " not in first.strip() else None
     if python is None:
@@ -199,6 +200,79 @@ def run_mergekit_many(exe: str, jobs: list[tuple[dict, Path]]) -> None:
     _run_mergekit_process([python, "-c", "import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
                                          "for argv in json.loads(sys.argv[1]):\n"
                                          "    main.main(argv, standalone_mode=False)\n", json.dumps(argvs)])
+
+
+# hf_merge spaces: every method of methods.METHODS, end to end --------------------------------
+
+# (case, method, experts, options, normalize): the parity cases of the hf_merge space on a tiny family, each
+# method with the experts it needs (the first `experts` of a, b, c), non-default options where cheap
+HF_CASES = [
+    ("linear", "linear", 3, {}, None),
+    ("task_arithmetic", "task_arithmetic", 3, {}, None),
+    ("ties", "ties", 3, {}, None),
+    ("ties_unnormalized", "ties", 3, {}, False),
+    ("breadcrumbs", "breadcrumbs", 3, {}, None),
+    ("breadcrumbs_ties", "breadcrumbs_ties", 3, {}, None),
+    ("slerp", "slerp", 1, {}, None),
+    ("sce", "sce", 3, {}, None),
+    ("ram", "ram", 3, {}, None),
+    ("ramplus_tl", "ramplus_tl", 3, {}, None),
+    ("model_stock", "model_stock", 3, {}, None),
+    ("model_stock_filter_wise", "model_stock", 3, {"filter_wise": True}, None),
+    ("nuslerp", "nuslerp", 2, {}, None),
+    ("nuslerp_use_base", "nuslerp", 2, {"use_base": True}, None),
+    ("nuslerp_row_wise", "nuslerp", 2, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, None),
+    ("multislerp", "multislerp", 3, {}, None),
+    ("multislerp_use_base", "multislerp", 3, {"use_base": True}, None),
+    ("karcher", "karcher", 3, {}, None),
+    ("karcher_use_base", "karcher", 3, {"use_base": True}, None),
+    ("nearswap", "nearswap", 1, {}, None),
+    ("arcee_fusion", "arcee_fusion", 1, {}, None),
+]
+# random masks (mergekit: torch.bernoulli on its generator; evomerge: a hash of the recipe seed): compared
+# statistically, with 3 experts and, so that each expert's mask and rescaling can be read off the merge, with 1
+HF_RANDOM_CASES = [
+    (f"{case}{suffix}", method, n, options, None)
+    for case, method, options in (("dare_ties", "dare_ties", {}), ("dare_linear", "dare_linear", {}),
+                                  ("della", "della", {}), ("della_linear", "della_linear", {}),
+                                  ("della_norescale", "della", {"rescale": False}))
+    for suffix, n in (("", 3), ("_1expert", 1))
+]
+
+
+def hf_space(method: str, base: Path, experts: dict, cache_dir: Path, *, options: dict | None = None,
+             normalize: bool | None = None, seed: int = 0, **cfg):
+    """An hf_merge space over `base` and `experts` ({label: path}). The methods with nothing to search (ram,
+    karcher, model_stock, arcee_fusion) are refused as search spaces by HFMergeSpace; their space is still
+    built here (the refusal comes last in its __init__), for the one model they merge."""
+    from evomerge.errors import UserError
+    from evomerge.methods import METHODS
+    from evomerge.spaces.hf_merge import HFMergeSpace, HFMergeSpaceConfig
+
+    config = HFMergeSpaceConfig(name="hf_merge", method=method, cache_dir=str(cache_dir), options=options or {},
+                                normalize=normalize, **cfg,
+                                models={"base": str(base), "experts": {k: str(v) for k, v in experts.items()}})
+    space = HFMergeSpace.__new__(HFMergeSpace)
+    try:
+        space.__init__(config, seed)
+    except UserError:
+        if METHODS[method].params:
+            raise
+        space.runtime = None
+    return space
+
+
+def hf_recipe(space, rng_seed: int) -> dict:
+    """The recipe of a uniformly random point of the space."""
+    import numpy as np
+
+    return space.decode(np.random.default_rng(rng_seed).uniform(space.lower, space.upper))
+
+
+def materialized(space, recipe: dict, device: str = "cpu") -> dict:
+    """The recipe's merged tensors as the space's runtime materializes them in place (copies)."""
+    model = space.open_runtime(device).materialize(recipe)
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 # evomerge ----------------------------------------------------------------------------------
@@ -321,7 +395,8 @@ def main(argv=None) -> int:
 
     exe = find_mergekit(args.mergekit)
     if exe is None:
-        print("no mergekit-yaml found (--mergekit, $EVOMERGE_MERGEKIT_YAML, PATH, /work/mkvenv)")
+        print("no mergekit-yaml found (--mergekit, beside this Python, $EVOMERGE_MERGEKIT_YAML, PATH): "
+              "install the dev extra: pip install -e '.[dev]'")
         return 2
     report = {"mergekit": exe, "torch": torch.__version__}
     tmp = None
