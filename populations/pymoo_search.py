@@ -106,6 +106,10 @@ class PymooConfig(Frozen):
 
 def _algorithm_class(name: str):
     module, cls, _, _ = ALGORITHMS[name]
+    try:
+        import pymoo  # noqa: F401
+    except ImportError:
+        raise UserError("strategy.name: pymoo needs the pymoo package: pip install -e '.[pymoo]'") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from pymoo.config import Config
