@@ -98,7 +98,10 @@ class PymooConfig(Frozen):
                                  "sampling: strategy.seeds)")
         try:
             for name in (("nsga2", "ga") if self.algorithm == "auto" else (self.algorithm,)):
-                make_algorithm(self, n_obj=3 if ALGORITHMS[name][2] else 1, seed=0, name=name)
+                n_obj = 3 if ALGORITHMS[name][2] else 1  # the fitness's count is checked when the run starts
+                if ALGORITHMS[name][3] and "ref_dirs" in self.kwargs:
+                    n_obj = ref_dirs(self.kwargs["ref_dirs"]).shape[1]
+                make_algorithm(self, n_obj=n_obj, seed=0, name=name)
         except UserError as e:
             raise ValueError(str(e).removeprefix("strategy.")) from None
         return self
@@ -116,6 +119,18 @@ def _algorithm_class(name: str):
 
         Config.warnings["not_compiled"] = False  # pymoo's pure-Python fallbacks are fine here
         return getattr(importlib.import_module(module), cls)
+
+
+def ref_dirs(value) -> np.ndarray:
+    """kwargs.ref_dirs as an array of rows (a UserError naming the field otherwise)."""
+    try:
+        out = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out.ndim != 2 or out.shape[1] < 2 or len(out) < 1:
+        raise UserError("strategy.kwargs.ref_dirs: a list of rows (reference directions), each with one number "
+                        "per objective (two or more)")
+    return out
 
 
 def das_dennis(n_obj: int, most: int) -> np.ndarray:
@@ -144,8 +159,8 @@ def make_algorithm(cfg: PymooConfig, n_obj: int, seed: int, sampling: np.ndarray
     kw = dict(cfg.kwargs)
     if ALGORITHMS[name][3]:
         if "ref_dirs" in kw:
-            kw["ref_dirs"] = np.asarray(kw["ref_dirs"], np.float64)
-            if kw["ref_dirs"].ndim != 2 or kw["ref_dirs"].shape[1] != n_obj:
+            kw["ref_dirs"] = ref_dirs(kw["ref_dirs"])
+            if kw["ref_dirs"].shape[1] != n_obj:
                 raise UserError(f"strategy.kwargs.ref_dirs: rows of {n_obj} numbers (one per objective) expected, "
                                 f"got shape {kw['ref_dirs'].shape}")
         else:

@@ -169,12 +169,19 @@ def test_the_refusal_comes_before_the_workers_start(tmp_path):
     ({"n_offspring": 4}, r"^config strategy: kwargs.n_offspring: not a parameter of pymoo's NSGA2; did you mean "
                          r"n_offsprings"),
     ({"seed": 4}, r"^config strategy: kwargs.seed: set by the run"),
-    ({"ref_dirs": [[1.0, 0.0]]}, r"^config strategy: kwargs.ref_dirs: rows of 3 numbers"),
+    ({"ref_dirs": [[1.0, 0.0], [1.0]]}, r"^config strategy: kwargs.ref_dirs: a list of rows"),
 ])
 def test_kwargs_are_checked_when_the_config_is_read(kwargs, match):
     algorithm = "nsga3" if "ref_dirs" in kwargs else "nsga2"
     with pytest.raises(UserError, match=match):
         validate(synthetic_config(strategy={"name": "pymoo", "algorithm": algorithm, "kwargs": kwargs}))
+
+
+def test_reference_directions_need_one_number_per_objective():
+    two = cfg(algorithm="nsga3", kwargs={"ref_dirs": [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]})  # read: fine
+    assert build_strategy(two, box(), seed=0, objectives=OBJ[:2]).summary()["ref_dirs"] == 3
+    with pytest.raises(UserError, match=r"^strategy.kwargs.ref_dirs: rows of 3 numbers \(one per objective\)"):
+        build_strategy(two, box(), seed=0, objectives=OBJ)
 
 
 def test_an_algorithm_that_cannot_be_pickled_mid_run_is_refused_at_start(monkeypatch):
