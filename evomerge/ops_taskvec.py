@@ -162,10 +162,10 @@ class Della(TensorMethod):
         denom = float(max(1, stats["length"] - 1))
 
         def keep(i: int, off: int, cnt: int) -> Tensor:
-            rn = _chunk(stats["ranks"][i], off, cnt, dev).to(dt) / denom
-            if stats["length"] == 1:
-                rn.fill_(0.5)  # one entry per row: mergekit's rank_norm is 0 / 0; keep it with p = density
-            p = (density[i] - eps[i]) + rn * 2 * eps[i]
+            if stats["length"] == 1:  # one entry per row: mergekit's rank_norm is 0 / 0; keep it with p = density
+                p = torch.full((cnt,), density[i], dtype=dt, device=dev)
+            else:  # (density - epsilon) + rank_norm * 2 * epsilon
+                p = _chunk(stats["ranks"][i], off, cnt, dev).to(dt).mul_(2 * eps[i] / denom).add_(density[i] - eps[i])
             return uniform(keys[i], off, cnt, dev) < p
 
         scale = [1.0] * k
@@ -283,22 +283,28 @@ class SCE(TensorMethod):
 
 # RAM -------------------------------------------------------------------------------------------------------
 
-def _ram_chunk(es: Sequence[Tensor], b: Tensor, off: int, cnt: int, dt: torch.dtype, epsilon: float):
-    """(base chunk, task vectors zeroed at |d| <= epsilon, contributing experts per entry)."""
+def _ram_chunk(es: Sequence[Tensor], b: Tensor, off: int, cnt: int, dt: torch.dtype, epsilon: float,
+               lam: list[float] | None = None):
+    """(base chunk, sum of the task vectors zeroed at |d| <= epsilon, the same sum weighted by lam (None: not
+    computed), contributing experts per entry, each expert's contributing entries)."""
     bc = b[off:off + cnt].to(dt)
-    tvs, nzs = [], []
-    for e in es:
+    acc, acc_lam = torch.zeros_like(bc), None if lam is None else torch.zeros_like(bc)
+    counts, nzs = torch.zeros(cnt, dtype=torch.int32, device=b.device), []
+    for i, e in enumerate(es):
         t = e[off:off + cnt].to(dt) - bc
         nz = t.abs() > epsilon
-        tvs.append(t * nz)
+        t.mul_(nz)
+        acc.add_(t)
+        if acc_lam is not None:
+            acc_lam.add_(t, alpha=lam[i])
+        counts.add_(nz)
         nzs.append(nz)
-    counts = torch.stack(nzs).sum(dim=0)
-    return bc, tvs, nzs, counts
+    return bc, acc, acc_lam, counts, nzs
 
 
 class RAM(TensorMethod):
     """RAM (mergekit's `ram`): entries changed (|d| > epsilon) by one expert taken whole, entries changed by
-    several averaged over those experts. Candidate-independent: recomputed by each merge."""
+    several averaged over those experts. Candidate-independent: recomputed by each merge (one pass)."""
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
               seed: int, out: Tensor) -> None:
@@ -309,15 +315,10 @@ class RAM(TensorMethod):
         dt, n = work_dtype(base), base.numel()
         b, es, o = _flat(base), [_flat(e) for e in experts], out.view(-1)
         for off, cnt in _spans(n):
-            bc, tvs, _, counts = _ram_chunk(es, b, off, cnt, dt, epsilon)
-            unique, overlap = counts == 1, counts > 1
-            shared = overlap.to(dt) / counts.clamp(min=1).to(dt)
-            acc = torch.zeros_like(bc)
-            for i, t in enumerate(tvs):
-                u = t * unique
-                if lam is not None:
-                    u = u * lam[i]
-                acc.add_(u + t * shared)
+            bc, acc, acc_lam, counts, _ = _ram_chunk(es, b, off, cnt, dt, epsilon, lam)
+            acc.div_(counts.clamp_(min=1))  # one contributor: its entry whole; several: their mean
+            if acc_lam is not None:  # an entry of one contributor: scaled by its lambda
+                acc = torch.where(counts == 1, acc_lam, acc)
             o[off:off + cnt].copy_(bc + acc)
 
 
@@ -330,7 +331,7 @@ class RAMPlusTL(RAM):
         b, es = _flat(base), [_flat(e) for e in experts]
         shared, unique = [0] * len(es), [0] * len(es)
         for off, cnt in _spans(n):
-            _, _, nzs, counts = _ram_chunk(es, b, off, cnt, dt, epsilon)
+            *_, counts, nzs = _ram_chunk(es, b, off, cnt, dt, epsilon)
             for i, nz in enumerate(nzs):
                 shared[i] += int((nz & (counts > 1)).sum())
                 unique[i] += int((nz & (counts == 1)).sum())

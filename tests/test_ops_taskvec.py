@@ -188,3 +188,17 @@ def test_space_materializes_the_methods_tensors(tiny, method):
         want = merge_tensor(method, name, base[name], [e[name] for e in ex], torch.empty_like(base[name]),
                             params=g, seed=recipe["seed"], options=recipe.get("options"))
         torch.testing.assert_close(params[name].detach(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear", "sce", "ram", "ramplus_tl"])
+def test_inputs_untouched_and_bfloat16_is_computed_in_float32(name, chunks):
+    base, experts = family((40, 24), 3)
+    base, experts = base.bfloat16(), [e.bfloat16() for e in experts]
+    before = [t.clone() for t in (base, *experts)]
+    group = {"della": dict(weight=[0.5, 0.8, 0.3], density=[0.4, 0.6, 1.0], epsilon=[0.1, 0.2, 0.0]),
+             "sce": dict(select_topk=[0.5]), "ramplus_tl": dict(r=[0.3], alpha=[0.5])}
+    group = group.get("della" if name.startswith("della") else name, {})
+    got = ours(name, base, experts, seed=5, **group)
+    assert got.dtype == torch.bfloat16 and all(torch.equal(a, b) for a, b in zip(before, (base, *experts)))
+    want = ours(name, base.float(), [e.float() for e in experts], seed=5, **group)
+    assert torch.equal(got, want.bfloat16())
