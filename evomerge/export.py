@@ -102,7 +102,7 @@ def export(run_dir: str, eval_id: int | None, to: str | None, mergekit: str | No
         if eval_id is not None:
             raise UserError("export: give --eval-id or --prefer, not both")
         eval_id, chosen = prefer(run, cfg, preference)
-    if cfg.space.name not in ("hf_merge", "hf_mixture"):
+    if cfg.space.name not in ("hf_merge", "hf_mixture", "hf_layers"):
         raise UserError(f"{run}: space {cfg.space.name} has no recipes to export; the best model is in {run / BEST}")
     eval_id, recipe = find_recipe(run, eval_id)
     space = build_space(cfg.space, cfg.seed)

@@ -25,7 +25,7 @@ def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: P
 
     cks = {label: Checkpoint.open(p) for label, p in models.items()}
     base_ck = Checkpoint.open(base)
-    tensors, n = {}, 0
+    tensors, n, used = {}, 0, set()
     for k, sl in enumerate(slices):
         label, (start, end) = sl["model"], sl["layers"]
         if label not in cks:
@@ -38,7 +38,9 @@ def stack_layers(base: Path, models: dict[str, Path], slices: list[dict], out: P
             for name in ck.names():
                 if layer_index(name) == i:
                     new = _BLOCK.sub(lambda m: f"{m.group(1)}{n}{m.group(3)}", name, count=1)
-                    tensors[new] = ck.tensor(name).contiguous()
+                    t = ck.tensor(name).contiguous()
+                    tensors[new] = t.clone() if (label, name) in used else t  # a repeated layer: its own copy
+                    used.add((label, name))
             n += 1
     first, last = cks[slices[0]["model"]], cks[slices[-1]["model"]]
     for name in base_ck.names():

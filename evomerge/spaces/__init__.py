@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .api_weights import APIWeightsSpace, APIWeightsSpaceConfig
+from .hf_layers import HFLayersSpace, HFLayersSpaceConfig
 from .hf_mixture import HFMixtureSpace, HFMixtureSpaceConfig
 from .hf_merge import HFMergeSpace, HFMergeSpaceConfig
 from ..schema import Frozen
@@ -12,6 +13,7 @@ from .synthetic import SyntheticSpace, SyntheticSpaceConfig
 SPACES: dict[str, tuple[type[Frozen], type[SearchSpace]]] = {
     "api_weights": (APIWeightsSpaceConfig, APIWeightsSpace),
     "digits_mlp": (DigitsMLPSpaceConfig, DigitsMLPSpace),
+    "hf_layers": (HFLayersSpaceConfig, HFLayersSpace),
     "hf_merge": (HFMergeSpaceConfig, HFMergeSpace),
     "hf_mixture": (HFMixtureSpaceConfig, HFMixtureSpace),
     "synthetic": (SyntheticSpaceConfig, SyntheticSpace),

@@ -46,9 +46,17 @@ class Models(Frozen):
 
 
 def resolve_model(ref: str, what: str) -> Path:
-    """A local directory, or a hub id resolved through the local hub cache / a download."""
+    """A local directory (a finished run's directory: its best/ model), or a hub id resolved through the
+    local hub cache / a download."""
     p = Path(ref).expanduser()
     if p.is_dir():
+        from ..rundir import BEST, CONFIG
+
+        if not (p / "config.json").exists() and (p / CONFIG).exists():  # a run directory: its best model
+            if not (p / BEST / "config.json").exists():
+                raise UserError(f"space.models.{what}: {ref}: a run directory with no {BEST}/ model yet "
+                                "(the run has not finished a session)")
+            return p / BEST
         return p
     if p.exists() or ref.startswith((".", "/", "~")):
         raise UserError(f"space.models.{what}: {ref}: not a model directory")
