@@ -179,7 +179,7 @@ def load_tasks(tasks: list[TaskSpec]) -> list[dict[str, _Split]]:
 
 class LMTasksFitness(Fitness):
     input = "model"
-    spaces = ("hf_merge", "hf_mixture")
+    spaces = ("hf_merge", "hf_mixture", "hf_layers")
     differentiable = True  # loss_model: the answers' NLL
 
     @classmethod
