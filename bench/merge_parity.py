@@ -110,24 +110,6 @@ def load_state(path: Path) -> dict:
 
 # mergekit ----------------------------------------------------------------------------------
 
-def _yaml(obj, indent: int = 0) -> str:
-    """A tiny YAML writer (dicts, lists, scalars): the project venv needs no pyyaml for this."""
-    pad = " " * indent
-    lines = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, (dict, list)):
-                lines.append(f"{pad}{k}:")
-                lines.append(_yaml(v, indent + 2))
-            else:
-                lines.append(f"{pad}{k}: {json.dumps(v)}")
-    else:
-        for item in obj:
-            body = _yaml(item, indent + 2).lstrip()
-            lines.append(f"{pad}- {body}")
-    return "\n".join(lines)
-
-
 def mergekit_config(method: str, paths: dict, *, weights=WEIGHTS, density=DENSITY, gamma=GAMMA,
                     t: float = SLERP_T) -> dict:
     base, experts = str(paths["base"]), [str(p) for p in paths["experts"]]
@@ -176,7 +158,10 @@ def _run_mergekit_process(cmd: list[str]) -> None:
 
 def run_mergekit(exe: str, config: dict, out_dir: Path, *, seed: int = 0) -> float:
     """Run `mergekit-yaml` on `config`; returns the wall time of the command in seconds."""
-    cmd = [exe, *_mergekit_argv(_yaml(config) + "\n", out_dir, "--no-write-model-card", "--random-seed", str(seed))]
+    import yaml
+
+    cmd = [exe, *_mergekit_argv(yaml.safe_dump(config, sort_keys=False), out_dir, "--no-write-model-card",
+                                "--random-seed", str(seed))]
     t0 = time.perf_counter()
     _run_mergekit_process(cmd)
     return time.perf_counter() - t0
