@@ -11,14 +11,17 @@ What does not depend on the candidate is computed once per run per tensor (`prep
   `della_magprune`: ranks along dim 1; 1-D tensors are one row, as mergekit's unsqueeze(0)), stored as int16
   when rows hold at most 32768 entries (every 1-D and 2-D tensor of the usual LMs), else int32: 2 (4) bytes per
   entry per expert, kept in host memory (pinned when the inputs are on a GPU) and copied to the device a chunk
-  at a time; and each task vector's L1 norm. A candidate draws the keep masks from `dare.uniform` (a hash of
+  at a time (computed a block of rows at a time: no full-size temporary on the device); and each task
+  vector's L1 norm. A candidate draws the keep masks from `dare.uniform` (a hash of
   (seed, tensor, expert, index): a recipe always gives the same model), with mergekit's keep probability
   (density - epsilon) + rank_norm * 2 * epsilon; with `rescale` (mergekit's L1 rescale) the masked task vectors'
   L1 norms are one reduction pass, which keeps the masks bit-packed on the device (1/8 byte per entry per
   expert, for the tensor being merged only) so that the hash is drawn once; then mergekit's generalized task
   arithmetic (weights, TIES sign election by sum for della, divisor, normalize) in one elementwise pass.
 * sce: the rank of every entry's variance across the experts (int32: 4 bytes per entry, one table per tensor,
-  in host memory), the count of non-zero variances, and the task vectors' mean squares. A candidate's top-k
+  in host memory), the count of non-zero variances, and the task vectors' mean squares. The variance is
+  sorted on the device when its free memory holds the sort's temporaries (32 bytes per entry), else on the
+  host. A candidate's top-k
   mask is rank < k: exactly mergekit's k entries (mergekit's torch.topk breaks ties among equal variances in
   an unspecified order; ours by position, a stable sort). With select_topk < 1 the masked task vectors' mean
   squares (sce's weights) are one reduction pass, then the sign election and weighted mean in one pass.
@@ -86,7 +89,7 @@ def _pack(keep: Tensor) -> Tensor:
     pad = -keep.numel() % 8
     if pad:
         keep = torch.cat([keep, keep.new_zeros(pad)])
-    return (keep.view(-1, 8).to(torch.uint8) * _bits(keep.device)).sum(dim=1, dtype=torch.uint8)
+    return (keep.view(torch.uint8).view(-1, 8) * _bits(keep.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def _unpack(packed: Tensor, cnt: int) -> Tensor:
@@ -109,24 +112,27 @@ def della_epsilon(name: str, density: float, epsilon: float) -> float:
     return epsilon
 
 
-def magnitude_ranks(d: Tensor) -> tuple[Tensor, int]:
-    """(0-based rank of |d| along dim 1 (1-D: over the whole vector), flat, int16 / int32 by row length, on
-    d's device; the row length)."""
-    shape = tuple(d.shape)
-    rows, length = (shape[0], shape[1]) if d.dim() >= 2 else (1, d.numel())
-    rest = d.numel() // max(1, rows * length)
-    v = d.reshape(rows, length, rest)
+def magnitude_ranks(base: Tensor, expert: Tensor, dt: torch.dtype) -> tuple[Tensor, int, float]:
+    """(0-based rank of |expert - base| along dim 1 (1-D: over the whole vector), flat, int16 / int32 by row
+    length, in host memory (pinned for a GPU); the row length; the task vector's L1 norm). Computed a block of
+    rows at a time: no full-size temporary on the device."""
+    shape, dev = tuple(base.shape), base.device
+    rows, length = (shape[0], shape[1]) if base.dim() >= 2 else (1, base.numel())
+    rest = base.numel() // max(1, rows * length)
+    vb, ve = base.reshape(rows, length, rest), expert.reshape(rows, length, rest)
     dtype = torch.int16 if length <= 1 << 15 else torch.int32
-    ranks = torch.empty(v.shape, dtype=dtype, device=d.device)
+    ranks = torch.empty((rows, length, rest), dtype=dtype, pin_memory=dev.type == "cuda")
     step = max(1, CHUNK // max(1, length * rest))
-    pos = torch.arange(length, dtype=torch.int64, device=d.device).view(1, length, 1)
+    pos = torch.arange(length, dtype=torch.int64, device=dev).view(1, length, 1)
+    l1 = 0.0
     for r0 in range(0, rows, step):
-        a = v[r0:r0 + step].abs()
+        a = _tv(ve[r0:r0 + step], vb[r0:r0 + step], dt).abs_()
+        l1 += float(a.sum(dtype=dt).double())
         idx = torch.sort(a, dim=1, stable=True).indices
         r = torch.empty_like(idx)
         r.scatter_(1, idx, pos.expand_as(idx))
-        ranks[r0:r0 + step] = r.to(dtype)
-    return ranks.view(-1), length
+        ranks[r0:r0 + step].copy_(r.to(dtype))
+    return ranks.view(-1), length, l1
 
 
 class Della(TensorMethod):
@@ -137,14 +143,11 @@ class Della(TensorMethod):
     consensus = True
 
     def prepare(self, name: str, base: Tensor, experts: Sequence[Tensor]) -> Any:
-        dt, b = work_dtype(base), _flat(base)
-        ranks, l1 = [], []
+        dt, ranks, l1, length = work_dtype(base), [], [], 1
         for e in experts:
-            d = _tv(e, base, dt)
-            r, length = magnitude_ranks(d)
-            ranks.append(_host(r, base.device))
-            l1.append(float(sum(d.reshape(-1)[o:o + c].abs().sum(dtype=dt).double() for o, c in _spans(b.numel()))))
-            del d
+            r, length, norm = magnitude_ranks(base, e, dt)
+            ranks.append(r)
+            l1.append(norm)
         return {"ranks": ranks, "l1": l1, "length": length}
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
@@ -199,12 +202,12 @@ class Della(TensorMethod):
                         d = d * scale[i]
                 deltas.append(d.mul_(weights[i]))
             if self.consensus:
-                positive = sum(deltas[1:], deltas[0].clone()) >= 0
+                sign = (sum(deltas[1:], deltas[0].clone()) >= 0).to(dt).mul_(2).sub_(1)  # the majority sign
                 mixed, div = torch.zeros_like(bc), torch.zeros_like(bc)
                 for d, w in zip(deltas, weights):
-                    kept = torch.where(positive, d > 0, d < 0)
-                    mixed.add_(d * kept)
-                    div.add_(kept.to(dt) * w)
+                    kept = (d * sign > 0).to(dt)  # d's sign is the majority's (zero entries never kept)
+                    mixed.addcmul_(d, kept)
+                    div.add_(kept, alpha=w)
                 div[div == 0] = 1
             else:
                 mixed, div = sum(deltas[1:], deltas[0].clone()), lin_div
@@ -237,10 +240,12 @@ class SCE(TensorMethod):
             for i in range(len(es)):
                 sq[i] += float(tvs[i].square().sum(dtype=dt).double())
         nonzero = int(torch.count_nonzero(var))
+        if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < 32 * n:  # the sort's temporaries: on the host
+            var = var.cpu()
         order = torch.sort(var.abs(), descending=True, stable=True).indices
         del var
-        rank = torch.empty(n, dtype=torch.int32, device=dev)
-        rank[order] = torch.arange(n, dtype=torch.int32, device=dev)
+        rank = torch.empty(n, dtype=torch.int32, device=order.device)
+        rank[order] = torch.arange(n, dtype=torch.int32, device=order.device)
         del order
         return {"rank": _host(rank, dev), "nonzero": nonzero, "mean_square": [s / n for s in sq]}
 
@@ -272,11 +277,11 @@ class SCE(TensorMethod):
             if top is not None:
                 m = _chunk(stats["rank"], off, cnt, dev) < top
                 tvs = [t * m for t in tvs]
-            positive = sum(tvs[1:], tvs[0].clone()) >= 0
+            sign = (sum(tvs[1:], tvs[0].clone()) >= 0).to(dt).mul_(2).sub_(1)  # the majority sign
             num, den = torch.zeros_like(bc), torch.zeros_like(bc)
             for t, wi in zip(tvs, weights):
-                ew = torch.where(positive, t > 0, t < 0).to(dt) * wi
-                num.add_(t * ew)
+                ew = (t * sign > 0).to(dt).mul_(wi)
+                num.addcmul_(t, ew)
                 den.add_(ew)
             o[off:off + cnt].copy_(bc + num / den.clamp(min=1e-6))
 
