@@ -249,3 +249,14 @@ def test_search_export_and_a_run_as_a_seed_model(family, tmp_path):
     s2 = HFLayersSpace(HFLayersSpaceConfig(name="hf_layers", device="cpu", models={
         "base": str(base), "experts": {"ps": str(ps), "a": str(experts["a"])}}), 0)
     assert s2.seed_paths["ps"] == ps / "best" and s2.labels == ["base", "ps", "a"]
+
+
+def test_dry_run_shows_the_path_at_the_centre(cli, family):
+    root, base, experts = family
+    cfg = run_config(root, str(base), {k: str(v) for k, v in experts.items()}, "dry")
+    cfg["space"]["scales"] = True
+    (root / "dry.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("--config", str(root / "dry.yaml"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "dimension: 36" in r.stdout and 'path_at_centre: "base.0 base.1 base.2"' in r.stdout
+    assert "slot.0/include/base.0 [-0.5, 1.5]" in r.stdout and "slot.17/scale/b.2 [0.5, 1.5]" in r.stdout
