@@ -124,15 +124,15 @@ def magnitude_ranks(base: Tensor, expert: Tensor, dt: torch.dtype) -> tuple[Tens
     ranks = torch.empty((rows, length, rest), dtype=dtype, pin_memory=dev.type == "cuda")
     step = max(1, CHUNK // max(1, length * rest))
     pos = torch.arange(length, dtype=torch.int64, device=dev).view(1, length, 1)
-    l1 = 0.0
+    l1 = torch.zeros((), dtype=torch.float64, device=dev)  # sums stay on the device: one sync per tensor
     for r0 in range(0, rows, step):
         a = _tv(ve[r0:r0 + step], vb[r0:r0 + step], dt).abs_()
-        l1 += float(a.sum(dtype=dt).double())
+        l1 += a.sum(dtype=dt)
         idx = torch.sort(a, dim=1, stable=True).indices
         r = torch.empty_like(idx)
         r.scatter_(1, idx, pos.expand_as(idx))
         ranks[r0:r0 + step].copy_(r.to(dtype))
-    return ranks.view(-1), length, l1
+    return ranks.view(-1), length, float(l1)
 
 
 class Della(TensorMethod):
@@ -176,12 +176,12 @@ class Della(TensorMethod):
         if rescale and any(masked):  # pass 1: the masked task vectors' L1 norms (the masks kept, bit-packed)
             for i in (i for i in range(k) if masked[i]):
                 packed[i] = torch.empty((n + 7) // 8, dtype=torch.uint8, device=dev)
-                after = 0.0
+                acc = torch.zeros((), dtype=torch.float64, device=dev)
                 for off, cnt in _spans(n):
                     m = keep(i, off, cnt)
-                    after += float((_tv(es[i][off:off + cnt], b[off:off + cnt], dt).abs() * m).sum(dtype=dt))
+                    acc += (_tv(es[i][off:off + cnt], b[off:off + cnt], dt).abs_() * m).sum(dtype=dt)
                     packed[i][off // 8:(off + cnt + 7) // 8] = _pack(m)
-                before = stats["l1"][i]
+                before, after = stats["l1"][i], float(acc)
                 f32 = torch.tensor(before, dtype=dt) / torch.tensor(after, dtype=dt)
                 scale[i] = 1.0 if before < 1e-7 or after < 1e-7 else float(f32)
         total = sum(weights)
@@ -233,12 +233,11 @@ class SCE(TensorMethod):
         dt, dev, n = work_dtype(base), base.device, base.numel()
         b, es = _flat(base), [_flat(e) for e in experts]
         var = torch.empty(n, dtype=dt, device=dev)
-        sq = [0.0] * len(es)
+        sq = torch.zeros(len(es), dtype=torch.float64, device=dev)
         for off, cnt in _spans(n):
             tvs = torch.stack([_tv(e[off:off + cnt], b[off:off + cnt], dt) for e in es])
             var[off:off + cnt] = torch.var(tvs, dim=0, unbiased=False)
-            for i in range(len(es)):
-                sq[i] += float(tvs[i].square().sum(dtype=dt).double())
+            sq += tvs.square().sum(dim=1, dtype=dt)
         nonzero = int(torch.count_nonzero(var))
         if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < 32 * n:  # the sort's temporaries: on the host
             var = var.cpu()
@@ -247,7 +246,7 @@ class SCE(TensorMethod):
         rank = torch.empty(n, dtype=torch.int32, device=order.device)
         rank[order] = torch.arange(n, dtype=torch.int32, device=order.device)
         del order
-        return {"rank": _host(rank, dev), "nonzero": nonzero, "mean_square": [s / n for s in sq]}
+        return {"rank": _host(rank, dev), "nonzero": nonzero, "mean_square": [s / n for s in sq.tolist()]}
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
               seed: int, out: Tensor) -> None:
@@ -261,12 +260,12 @@ class SCE(TensorMethod):
             if top == 0:  # every task vector masked out: the base
                 o.copy_(b)
                 return
-            ms = [0.0] * len(es)
+            acc = torch.zeros(len(es), dtype=torch.float64, device=dev)
             for off, cnt in _spans(n):  # the masked task vectors' mean squares
                 m = _chunk(stats["rank"], off, cnt, dev) < top
                 for i, e in enumerate(es):
-                    ms[i] += float((_tv(e[off:off + cnt], b[off:off + cnt], dt) * m).square().sum(dtype=dt))
-            ms = [s / n for s in ms]
+                    acc[i] += (_tv(e[off:off + cnt], b[off:off + cnt], dt) * m).square_().sum(dtype=dt)
+            ms = [s / n for s in acc.tolist()]
         w = torch.tensor(ms, dtype=dt)
         total = torch.sum(w).item()
         w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
@@ -334,13 +333,14 @@ class RAMPlusTL(RAM):
     def prepare(self, name: str, base: Tensor, experts: Sequence[Tensor]) -> Any:
         dt, n, epsilon = work_dtype(base), base.numel(), float(self.options.get("epsilon", 1e-5))
         b, es = _flat(base), [_flat(e) for e in experts]
-        shared, unique = [0] * len(es), [0] * len(es)
+        shared = torch.zeros(len(es), dtype=torch.int64, device=b.device)
+        unique = torch.zeros_like(shared)
         for off, cnt in _spans(n):
             *_, counts, nzs = _ram_chunk(es, b, off, cnt, dt, epsilon)
-            for i, nz in enumerate(nzs):
-                shared[i] += int((nz & (counts > 1)).sum())
-                unique[i] += int((nz & (counts == 1)).sum())
-        rho = torch.tensor(shared) / torch.tensor(unique).clamp(min=epsilon)  # float32, as mergekit
+            nz = torch.stack(nzs)
+            shared += (nz & (counts > 1)).sum(dim=1)
+            unique += (nz & (counts == 1)).sum(dim=1)
+        rho = shared.cpu() / unique.cpu().clamp(min=epsilon)  # float32, as mergekit
         return {"rho": rho}
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
