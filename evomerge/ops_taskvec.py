@@ -68,10 +68,21 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
+def _host_empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A full-size statistic's home: host memory, pinned when the inputs are on a GPU (pageable where pinning
+    fails)."""
+    if device.type == "cuda":
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 def _host(t: Tensor, device: torch.device) -> Tensor:
-    """A full-size statistic's home: host memory, pinned when the inputs are on a GPU."""
-    t = t.cpu()
-    return t.pin_memory() if device.type == "cuda" else t
+    if t.device.type == "cpu" and device.type != "cuda":
+        return t
+    return _host_empty(t.shape, t.dtype, device).copy_(t)
 
 
 def _chunk(t: Tensor, off: int, cnt: int, device: torch.device) -> Tensor:
@@ -121,7 +132,7 @@ def magnitude_ranks(base: Tensor, expert: Tensor, dt: torch.dtype) -> tuple[Tens
     rest = base.numel() // max(1, rows * length)
     vb, ve = base.reshape(rows, length, rest), expert.reshape(rows, length, rest)
     dtype = torch.int16 if length <= 1 << 15 else torch.int32
-    ranks = torch.empty((rows, length, rest), dtype=dtype, pin_memory=dev.type == "cuda")
+    ranks = _host_empty((rows, length, rest), dtype, dev)
     step = max(1, CHUNK // max(1, length * rest))
     pos = torch.arange(length, dtype=torch.int64, device=dev).view(1, length, 1)
     l1 = torch.zeros((), dtype=torch.float64, device=dev)  # sums stay on the device: one sync per tensor
