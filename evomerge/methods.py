@@ -129,12 +129,13 @@ METHODS.update({m.name: m for m in (
            options=(("nuslerp_flatten", True), ("nuslerp_row_wise", False), ("use_base", False)),
            doc="spherical interpolation of two experts (of their task vectors with use_base) at t = w2 / (w1 + w2), "
                "whole tensors or row by row", **_TENSOR),
-    Method("multislerp", ("weight",), mergekit="multislerp",
+    Method("multislerp", ("weight",), mergekit="multislerp", experts=(2, None),
            options=(("normalize_weights", True), ("eps", 1e-8), ("use_base", False)),
-           doc="barycentric interpolation of the experts (of their task vectors with use_base) on the hypersphere",
-           **_TENSOR),
+           doc="the weighted mean of the experts' directions (their task vectors' with use_base) on the hypersphere, "
+               "scaled by the weighted mean of their norms (barycentric interpolation)", **_TENSOR),
     Method("karcher", (), mergekit="karcher", options=(("max_iter", 10), ("tol", 1e-5), ("use_base", False)),
-           doc="the Riemannian (Karcher) mean of the models on the hypersphere, scaled by their mean norm", **_TENSOR),
+           doc="the Riemannian (Karcher) mean of the experts (and the base, with use_base) on the hypersphere, "
+               "scaled by their mean norm", **_TENSOR),
     Method("nearswap", ("t",), mergekit="nearswap", experts=(1, 1), ranges=(("t", (0.0, 0.01), (0.0, None)),),
            doc="the base, with each entry moved to the expert's by min(1, t / |expert - base|): entries that "
                "differ by less than t are swapped", **_TENSOR),
