@@ -115,6 +115,12 @@ def export(run_dir: str, eval_id: int | None, to: str | None, mergekit: str | No
         rt.materialize(recipe)
         write_model(rt, recipe, Path(to))
         done.append(f"model directory {to}")
+        if cfg.space.name == "hf_layers":
+            from .layerpath import SCALES_KEY, scaled
+
+            if scaled(recipe["path"]):
+                done[-1] += (f" (its layers' input scales are config.json's {SCALES_KEY}: evomerge.layerpath.load "
+                             "applies them, from_pretrained alone ignores them)")
     if mk is not None:
         path = Path(mergekit)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
