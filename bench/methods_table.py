@@ -15,7 +15,8 @@ Timing (bench/merge_parity.py's timing model: a random Llama, hidden 768, 12 lay
 8192, ~98M parameters fp32, three perturbed experts; built once): per method, (a) mergekit-yaml to disk: the
 wall time of one command (its start-up included, as a search would pay it per candidate); (b) evomerge: the
 hf_merge runtime on CPU (kernel auto), in place in the resident model: `open_s` (load the resident model, write
-the task vectors, compile the kernel: once per run), `first_s` (the first candidate: per-tensor statistics of
+the task vectors unless an earlier method of the table did (the cache is per model set), compile the
+kernel: once per run), `first_s` (the first candidate: per-tensor statistics of
 the per-tensor methods, once per run), then the mean over `--candidates` further random candidates.
 passthrough: an hf_layers layer path (PathRuntime, no weight copied) where that space exists, else
 stack_layers to disk. Results: bench/results/methods_table.json and a markdown table.
@@ -80,15 +81,16 @@ def parity(exe: str, work: Path, methods: list[str]) -> dict:
     return out
 
 
-def time_method(exe: str, work: Path, method: str, paths: dict, candidates: int) -> dict:
-    """Seconds of one mergekit-yaml run and of evomerge's candidates for one method on the timing model."""
+def time_method(exe: str, work: Path, method: str, paths: dict, candidates: int, cache: Path) -> dict:
+    """Seconds of one mergekit-yaml run and of evomerge's candidates for one method on the timing model
+    (`cache`: the task-vector cache, shared by the methods, as by the runs of one model set)."""
     work.mkdir(parents=True, exist_ok=True)
     labels = [f"e{i}" for i in range(len(paths["experts"]))]
     experts = dict(list(zip(labels, paths["experts"]))[:n_experts(method)])
     if method == "passthrough":
         return time_passthrough(exe, work, paths, experts, candidates)
     options, normalize = OPTIONS.get(method, ({}, None))
-    space = mp.hf_space(method, paths["base"], experts, work / "tv", options=options, normalize=normalize)
+    space = mp.hf_space(method, paths["base"], experts, cache, options=options, normalize=normalize)
     recipes = [mp.hf_recipe(space, 100 + i) for i in range(candidates + 1)]
     out_dir = work / f"mk_{method}"
     mk_s = mp.run_mergekit(exe, space.mergekit_config(recipes[1]), out_dir)
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
             report["build_s"], n_params = time.perf_counter() - t0, paths["n_params"]
             report["n_params"] = n_params
             for m in methods:
-                rows[m].update(time_method(exe, work / f"t_{m}", m, paths, args.candidates))
+                rows[m].update(time_method(exe, work / f"t_{m}", m, paths, args.candidates, work / "task_vectors"))
                 shutil.rmtree(work / f"t_{m}", ignore_errors=True)
                 r = rows[m]
                 print(f"{m}: mergekit {r['mergekit_s']:.1f} s, evomerge {r['evomerge_s_per_candidate']:.3f} s "
