@@ -23,6 +23,10 @@ def zoo(tmp_path_factory):
 SERVED_BY = {"tinylm_api_cmaes.yaml": "tinylm_ties_cmaes.yaml"}
 
 
+# configs whose seed model is a finished run of another config (PS+DFS): that config, and the --set key naming it
+SEEDED_BY = {"tinylm_ps_dfs.yaml": ("tinylm_ties_cmaes.yaml", "space.models.experts.ps")}
+
+
 # run in full by tests/test_e2e.py (the default search, through two Ray workers)
 RUN_ELSEWHERE = {"quickstart.yaml"}
 
@@ -51,6 +55,14 @@ def test_every_shipped_config_runs(cli, tmp_path, config, request):
         server = LocalServer("--config", str(served))
         request.addfinalizer(server.close)
         n, sets = 4, ["--set", f"fitness.base_url={server.url}"]
+    if config in SEEDED_BY:  # the run it takes as a seed model first, on the same tiny family
+        first, key = SEEDED_BY[config]
+        seeded = tmp_path / first
+        seeded.write_text((ROOT / "configs" / first).read_text().replace("zoo/tinylm", zoo))
+        r = cli("--config", str(seeded), "--set", f"budget.max_evals={n}", "--out", str(tmp_path / "seed_run"),
+                "--no-progress")
+        assert r.returncode == 0, r.stderr
+        sets = ["--set", f"{key}={tmp_path / 'seed_run'}"]
     r = cli("--config", str(path), "--set", f"budget.max_evals={n}", *sets, "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
