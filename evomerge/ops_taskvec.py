@@ -208,10 +208,8 @@ class Della(TensorMethod):
                 if masked[i]:
                     m = _unpack(packed[i][off // 8:(off + cnt + 7) // 8], cnt) if packed[i] is not None \
                         else keep(i, off, cnt)
-                    d = d * m
-                    if scale[i] != 1.0:
-                        d = d * scale[i]
-                deltas.append(d.mul_(weights[i]))
+                    d.mul_(m)
+                deltas.append(d.mul_(scale[i] * weights[i]))  # mergekit's rescale, then its weight
             if self.consensus:
                 sign = (sum(deltas[1:], deltas[0].clone()) >= 0).to(dt).mul_(2).sub_(1)  # the majority sign
                 mixed, div = torch.zeros_like(bc), torch.zeros_like(bc)
