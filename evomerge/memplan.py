@@ -179,6 +179,25 @@ def host_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def stats_bytes(method: str, tensors: dict[str, tuple[tuple[int, ...], str]], experts: int) -> tuple[int, str]:
+    """(host bytes, what) of the statistics a worker of a per-tensor method prepares once and keeps in host memory
+    (`ops_taskvec.py`): della / della_linear, each task-vector entry's magnitude rank within its row (int16 for
+    rows of at most 32768 entries, else int32) per expert; sce, the rank of each entry's variance across the
+    experts (int32) per tensor. The others keep per-tensor numbers only (0)."""
+    total = 0
+    for shape, dt in tensors.values():
+        if dt not in FLOATING:
+            continue
+        n = numel(shape)
+        if method in ("della", "della_linear"):
+            row = shape[1] if len(shape) >= 2 else n
+            total += n * experts * (2 if row <= 1 << 15 else 4)
+        elif method == "sce":
+            total += 4 * n
+    what = {"della": "magnitude ranks, 2 bytes per entry per expert", "sce": "variance ranks, 4 bytes per entry"}
+    return total, what.get(method.split("_")[0], "")
+
+
 def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, labels, resident_dtype: str,
               delta_dtype: str, device: str, memory: MemoryConfig, gpu_bytes: int | None = None,
               gpu_share: float = 1.0,
@@ -220,6 +239,11 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
         reserve = int(memory.reserve_gib * GIB) if memory.reserve_gib is not None else 0
     host_bytes = host_ram() if host_bytes is None else int(host_bytes)
     host_budget = int(memory.host_gib * GIB) if memory.host_gib is not None else host_bytes // 2
+    stats, stats_what = stats_bytes(method, tensors, len(labels))
+    if stats:  # prepared once per worker, kept in host memory: out of the host tier's budget
+        notes.append(f"{method} prepares its statistics once per worker in host memory: {gib(stats)} per worker "
+                     f"({stats_what}), {gib(stats * workers_per_node)} per node")
+        host_budget = max(0, host_budget - stats * workers_per_node)
 
     common = dict(device=device, gpu_bytes=gpu_bytes, budget=budget, reserve=reserve, resident=resident,
                   method=method, labels=labels, workers_per_node=workers_per_node, host_budget=host_budget,
@@ -250,6 +274,11 @@ def make_plan(tensors: dict[str, tuple[tuple[int, ...], str]], *, method: str, l
         return {(k, lbl, name): tier for name, items, _ in groups for k, lbl, _ in items}
 
     gpu = f" of a {gib(gpu_bytes)} GPU" if gpu_bytes else ""
+    if stats and stats * workers_per_node > 0.9 * host_bytes:
+        return _plan({}, 0, False, f"space.method: {method}'s statistics ({stats_what}) need {gib(stats)} of host "
+                                   f"memory per worker, {gib(stats * workers_per_node)} for the node's "
+                                   f"{workers_per_node} worker(s), above 90% of its {gib(host_bytes)} RAM; use "
+                                   f"fewer experts or workers per node, or a method without them (e.g. dare_ties)")
     if budget is None:
         return _plan(_all("device"), 0)
     if resident + reserve > budget:
