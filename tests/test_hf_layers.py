@@ -260,3 +260,27 @@ def test_dry_run_shows_the_path_at_the_centre(cli, family):
     assert r.returncode == 0, r.stderr
     assert "dimension: 36" in r.stdout and 'path_at_centre: "base.0 base.1 base.2"' in r.stdout
     assert "slot.0/include/base.0 [-0.5, 1.5]" in r.stdout and "slot.17/scale/b.2 [0.5, 1.5]" in r.stdout
+
+
+def test_the_memory_plan_counts_every_seed_model_resident(tmp_path, monkeypatch):
+    """A worker holds all seed models on its GPU: a 7B Llama and three experts (bf16, 12.6 GiB each) fit an
+    80 GiB GPU's budget and are refused on a 24 GiB one, from config.json alone (no weights)."""
+    import json
+
+    import evomerge.memplan as memplan
+    from evomerge.spaces.hf_layers import HFLayersSpace, HFLayersSpaceConfig
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "vocab_size": 32000, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    for m in ("base", "a", "b", "c"):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "config.json").write_text(json.dumps(config))
+    cfg = HFLayersSpaceConfig(name="hf_layers", device="cuda", models={
+        "base": str(tmp_path / "base"), "experts": {k: str(tmp_path / k) for k in "abc"}})
+    monkeypatch.setattr(memplan, "local_gpu_bytes", lambda: 80 << 30)
+    big = HFLayersSpace.memory_plan(cfg, 1)
+    assert big.fits and len(big.per_model) == 4 and abs(sum(b for _, b in big.per_model) / 2**30 - 50.2) < 0.1
+    monkeypatch.setattr(memplan, "local_gpu_bytes", lambda: 24 << 30)
+    small = HFLayersSpace.memory_plan(cfg, 1)
+    assert not small.fits and small.why.startswith("space.models: the 4 seed models")

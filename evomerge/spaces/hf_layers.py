@@ -19,6 +19,7 @@ copying no weight (`layerpath.PathRuntime`). The recipe:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -59,7 +60,59 @@ class HFLayersSpaceConfig(Frozen):
         return self
 
 
+@dataclass(frozen=True)
+class SeedModelsPlan:
+    """A worker of an `hf_layers` space holds every seed model resident on its device (a path runs their layer
+    modules directly): their bytes in the resident dtype against the device's budget (90% of the GPU less a
+    reserve of 10%, at least 1 GiB, times the worker's share of it; unlimited on CPU)."""
+
+    device: str
+    gpu_bytes: int | None
+    budget: int | None
+    reserve: int
+    per_model: tuple[tuple[str, int], ...]
+    fits: bool
+    why: str
+
+    def lines(self) -> list[str]:
+        from ..memplan import gib
+
+        total = sum(b for _, b in self.per_model)
+        where = "its GPU" if self.device == "cuda" else "the CPU"
+        out = [f"memory plan ({where}, per worker): {len(self.per_model)} seed models resident, {gib(total)} "
+               f"({', '.join(f'{k} {gib(b)}' for k, b in self.per_model)})"]
+        if self.budget is not None:
+            gpu = f" of a {gib(self.gpu_bytes)} GPU" if self.gpu_bytes else ""
+            out.append(f"  budget {gib(self.budget)}{gpu}, reserve {gib(self.reserve)}")
+        out.append("  fits" if self.fits else f"  does not fit: {self.why}")
+        return out
+
+
 class HFLayersSpace(CheckpointSpace):
+    @classmethod
+    def memory_plan(cls, cfg: HFLayersSpaceConfig, workers_per_node: int, gpu_share: float = 1.0,
+                    measure_h2d: bool = True) -> SeedModelsPlan:
+        """Every seed model resident on the worker's device, from the checkpoints' headers (no weights read)."""
+        from ..headers import FLOATING, model_tensors, nbytes
+        from ..memplan import GIB, MemoryConfig, gib, plan_device, st_dtype
+        from .merge_types import resolve_models
+
+        base, experts = resolve_models(cfg.models)
+        paths = ({"base": base} if cfg.include_base else {}) | experts
+        dt = st_dtype(cfg.dtype)
+        per = tuple((label, sum(nbytes(shape, dt if (dt and d in FLOATING) else d)
+                                for shape, d in model_tensors(p).values())) for label, p in paths.items())
+        device, gpu_bytes = plan_device(cfg.device, MemoryConfig())
+        budget = int(0.9 * gpu_bytes * gpu_share) if device == "cuda" and gpu_bytes else None
+        reserve = max(GIB, int(0.1 * gpu_bytes * gpu_share)) if budget is not None else 0
+        total = sum(b for _, b in per)
+        fits = budget is None or total + reserve <= budget
+        why = "" if fits else (f"space.models: the {len(per)} seed models ({gib(total)}) and the reserve "
+                               f"({gib(reserve)}) do not fit in the worker's budget ({gib(budget)} of a "
+                               f"{gib(gpu_bytes)} GPU); use fewer seed models (include_base: false), a 16-bit "
+                               f"space.dtype, or a GPU with more memory")
+        return SeedModelsPlan(device, gpu_bytes, budget, reserve, per, fits, why)
+
     def __init__(self, cfg: HFLayersSpaceConfig, seed: int):
         from ..layerpath import slots
         from ..weights import layer_index
