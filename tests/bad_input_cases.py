@@ -284,6 +284,20 @@ CONFIG_CASES = [
          "config progress_every_s: must be a finite number, not 'inf'"),
     Case("inf-in-a-tuple", _digits(strategy={"name": "cmaes", "bounds": [0, float("inf")]}),
          "config strategy.bounds.1: must be a finite number, not inf"),
+    Case("method-option-unknown", _fake_hf(method="della", options={"foo": 1}),
+         "options.foo: method della takes rescale"),
+    Case("method-option-type", _fake_hf(method="della", options={"rescale": 2}), "options.rescale: a bool"),
+    Case("method-expert-count", _fake_hf(method="nuslerp"), "method nuslerp merges exactly 2 expert(s), got 1"),
+    Case("method-nothing-to-search", lambda env: ["--config", _hf_config(env, {"name": "lm_tasks", "tasks": [
+        {"name": "t", "path": env.write("t.jsonl", '{"prompt": "a", "answer": "b", "split": "train"}\n'),
+         "kind": "generate"}]},
+        method="karcher")], "space.method: karcher has no parameter to search"),
+    Case("layers-scale-range-zero", lambda env: ["--config", env.config({
+        "space": {"name": "hf_layers", "scales": True, "scale_range": {"low": 0.0, "high": 1.0},
+                  "models": {"base": "/nonexistent/base", "experts": {"a": "/nonexistent/a"}}},
+        "strategy": {"name": "random"}, "fitness": {"name": "lm_tasks", "tasks": [
+            {"name": "t", "path": "t.jsonl", "kind": "generate"}]}, "budget": {"max_evals": 4}})],
+        "scale_range.low: 0: a scale must be above 0"),
     Case("inf-in-a-dict", _fake_hf(params={"weight": float("inf")}),
          "config space.params.weight: must be a finite number, not inf"),
     Case("inf-in-a-range", _fake_hf(params={"weight": {"low": 0, "high": float("inf")}}),
