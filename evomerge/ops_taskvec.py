@@ -111,6 +111,40 @@ def _tv(e: Tensor, b: Tensor, dt: torch.dtype) -> Tensor:
     return e.to(dt) - b.to(dt)
 
 
+# compiled chunk arithmetic ------------------------------------------------------------------------------------
+
+_COMPILED: dict[str, Any] = {}
+_FAILED: list[str] = []  # the first compile failure of the process (then every merge is eager)
+
+
+def compiled(fn):
+    """`fn` compiled by torch.compile (one fused pass per chunk; compiled once per process and argument
+    layout, shapes dynamic)."""
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn.__name__]
+
+
+class Compilable(TensorMethod):
+    """A method whose chunk arithmetic may run compiled (`compiled`: set by the runtime where compiling pays,
+    as for the slice kernels: `runtime.auto_compiled`). The compiled passes compute what the eager ones do,
+    to the bit; if compiling fails (no C++ compiler, an unsupported device) the first merge says so once and
+    every merge of the process is eager from then on."""
+
+    compiled = False
+
+    def fast(self) -> bool:
+        return bool(self.compiled) and not _FAILED
+
+    def fallback(self, e: Exception) -> None:
+        import sys
+
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _FAILED.append(first)
+        print(f"warning: {self.__class__.__name__}: compiling the merge's chunk arithmetic failed "
+              f"({type(e).__name__}: {first}); merging eagerly", file=sys.stderr)
+
+
 # DELLA -----------------------------------------------------------------------------------------------------
 
 def della_epsilon(name: str, density: float, epsilon: float) -> float:
@@ -146,7 +180,45 @@ def magnitude_ranks(base: Tensor, expert: Tensor, dt: torch.dtype) -> tuple[Tens
     return ranks.view(-1), length, float(l1)
 
 
-class Della(TensorMethod):
+def _della_l1(b: Tensor, e: Tensor, rank: Tensor, p: Tensor, key: Tensor, off: Tensor) -> Tensor:
+    """One chunk's masked L1 norm, in float64 (so any summation order gives the same float32 rescale).
+    p: [a, c] (the keep probability a + rank * c)."""
+    dt = torch.float64 if b.dtype == torch.float64 else torch.float32
+    d = (e.to(dt) - b.to(dt)).abs()
+    keep = dare.uniform(key, off, d.numel(), d.device) < rank.to(dt) * p[1] + p[0]
+    return (d * keep).sum(dtype=torch.float64)
+
+
+def _della_chunk(out: Tensor, b: Tensor, es: list[Tensor], ranks: list[Tensor], p: Tensor, keys: Tensor,
+                 off: Tensor, consensus: bool, normalize: bool) -> None:
+    """One chunk of della's generalized task arithmetic, fused: p (experts, 5) per expert [a, c, rescale x
+    weight, weight, divisor]; an expert's delta kept where uniform < a + rank * c (a = 2: every entry; its
+    factor 0: none)."""
+    dt = torch.float64 if b.dtype == torch.float64 else torch.float32
+    bc = b.to(dt)
+    ds = []
+    for i in range(len(es)):
+        d = es[i].to(dt) - bc
+        keep = dare.uniform(keys[i], off, d.numel(), d.device) < ranks[i].to(dt) * p[i, 1] + p[i, 0]
+        ds.append(d * keep * p[i, 2])
+    mixed = ds[0]
+    for d in ds[1:]:
+        mixed = mixed + d
+    if consensus:
+        sign = torch.where(mixed >= 0, 1.0, -1.0).to(dt)
+        mixed, div = torch.zeros_like(bc), torch.zeros_like(bc)
+        for i, d in enumerate(ds):
+            kept = (d * sign > 0).to(dt)
+            mixed = mixed + d * kept
+            div = div + kept * p[i, 3]
+        if normalize:
+            mixed = mixed / torch.where(div == 0, 1.0, div)
+    elif normalize:
+        mixed = mixed / p[0, 4]
+    out.copy_(bc + mixed)
+
+
+class Della(Compilable):
     """DELLA (mergekit's `della`): MagPrune (keep probabilities density -/+ epsilon by magnitude rank within
     each row, optional L1 rescale), then generalized task arithmetic with TIES sign election by sum."""
 
@@ -163,38 +235,89 @@ class Della(TensorMethod):
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
               seed: int, out: Tensor) -> None:
-        dt, dev, n = work_dtype(base), base.device, base.numel()
-        b, es, o = _flat(base), [_flat(e) for e in experts], out.view(-1)
-        k = len(es)
-        weights = [float(w) for w in group["weight"]]
+        k = len(experts)
         density = [float(x) for x in group["density"]]
         eps = [della_epsilon(name, d, float(e)) for d, e in zip(density, group["epsilon"])]
-        rescale = bool(self.options.get("rescale", True))
-        normalize = METHODS[self.method].normalize if self.normalize is None else self.normalize
-        masked = [0 < d < 1 for d in density]
-        keys = [dare.tensor_key(seed, name, i) for i in range(k)]
         denom = float(max(1, stats["length"] - 1))
+        one = stats["length"] == 1  # one entry per row: mergekit's rank_norm is 0 / 0; kept with p = density
+        # the keep probability a + rank * c: (density - epsilon) + rank_norm * 2 * epsilon
+        probs = [(density[i], 0.0) if one else (density[i] - eps[i], 2 * eps[i] / denom) for i in range(k)]
+        keys = [dare.tensor_key(seed, name, i) for i in range(k)]
+        if self.fast():
+            try:
+                return self._merge_compiled(name, base, experts, group, stats, probs, keys, out)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager passes compute the same
+                self.fallback(e)
+        self._merge_eager(name, base, experts, group, stats, probs, keys, out)
+
+    def _numbers(self, group, stats, l1s: list[float | None], dt) -> tuple[list[float], list[float], bool]:
+        """(rescale factors from the masked L1 norms (None: not rescaled), weights, normalize)."""
+        scale = []
+        for i, after in enumerate(l1s):
+            before = stats["l1"][i]
+            if after is None or before < 1e-7 or after < 1e-7:
+                scale.append(1.0)
+            else:
+                scale.append(float(torch.tensor(before, dtype=dt) / torch.tensor(after, dtype=dt)))
+        normalize = METHODS[self.method].normalize if self.normalize is None else self.normalize
+        return scale, [float(w) for w in group["weight"]], normalize
+
+    def _rescaled(self, group) -> list[bool]:
+        density = [float(x) for x in group["density"]]
+        masked = [0 < d < 1 for d in density]
+        rescale = bool(self.options.get("rescale", True)) and any(masked)
+        return [rescale and m for m in masked]
+
+    def _merge_compiled(self, name, base, experts, group, stats, probs, keys, out) -> None:
+        dt, dev, n = work_dtype(base), base.device, base.numel()
+        b, es, o = _flat(base), [_flat(e) for e in experts], out.view(-1)
+        k, density = len(es), [float(x) for x in group["density"]]
+        kt = torch.tensor(keys, dtype=torch.int64, device=dev)
+        offs = {off: torch.tensor(off, dtype=torch.int64, device=dev) for off, _ in _spans(n)}
+        l1s: list[float | None] = [None] * k
+        l1_pass = compiled(_della_l1)
+        for i in (i for i, r in enumerate(self._rescaled(group)) if r):  # pass 1: the masked L1 norms
+            p = torch.tensor(probs[i], dtype=dt, device=dev)
+            acc = torch.zeros((), dtype=torch.float64, device=dev)
+            for off, cnt in _spans(n):
+                acc += l1_pass(b[off:off + cnt], es[i][off:off + cnt], _chunk(stats["ranks"][i], off, cnt, dev), p,
+                               kt[i], offs[off])
+            l1s[i] = float(acc)
+        scale, weights, normalize = self._numbers(group, stats, l1s, dt)
+        total = sum(weights)
+        rows = []
+        for i in range(k):
+            a, c = probs[i] if 0 < density[i] < 1 else (2.0, 0.0)  # unmasked: every entry kept
+            rows.append([a, c, 0.0 if density[i] <= 0 else scale[i] * weights[i], weights[i],
+                         1.0 if abs(total) < 1e-8 else total])
+        p = torch.tensor(rows, dtype=dt, device=dev)
+        chunk = compiled(_della_chunk)
+        for off, cnt in _spans(n):  # pass 2: generalized task arithmetic, one fused pass
+            chunk(o[off:off + cnt], b[off:off + cnt], [e[off:off + cnt] for e in es],
+                  [_chunk(r, off, cnt, dev) for r in stats["ranks"]], p, kt, offs[off], self.consensus, normalize)
+
+    def _merge_eager(self, name, base, experts, group, stats, probs, keys, out) -> None:
+        dt, dev, n = work_dtype(base), base.device, base.numel()
+        b, es, o = _flat(base), [_flat(e) for e in experts], out.view(-1)
+        k, density = len(es), [float(x) for x in group["density"]]
+        masked = [0 < d < 1 for d in density]
 
         def keep(i: int, off: int, cnt: int) -> Tensor:
-            if stats["length"] == 1:  # one entry per row: mergekit's rank_norm is 0 / 0; keep it with p = density
-                p = torch.full((cnt,), density[i], dtype=dt, device=dev)
-            else:  # (density - epsilon) + rank_norm * 2 * epsilon
-                p = _chunk(stats["ranks"][i], off, cnt, dev).to(dt).mul_(2 * eps[i] / denom).add_(density[i] - eps[i])
+            a, c = probs[i]
+            p = _chunk(stats["ranks"][i], off, cnt, dev).to(dt).mul_(c).add_(a)
             return uniform(keys[i], off, cnt, dev) < p
 
-        scale = [1.0] * k
+        l1s: list[float | None] = [None] * k
         packed: list[Tensor | None] = [None] * k
-        if rescale and any(masked):  # pass 1: the masked task vectors' L1 norms (the masks kept, bit-packed)
-            for i in (i for i in range(k) if masked[i]):
-                packed[i] = torch.empty((n + 7) // 8, dtype=torch.uint8, device=dev)
-                acc = torch.zeros((), dtype=torch.float64, device=dev)
-                for off, cnt in _spans(n):
-                    m = keep(i, off, cnt)
-                    acc += (_tv(es[i][off:off + cnt], b[off:off + cnt], dt).abs_() * m).sum(dtype=dt)
-                    packed[i][off // 8:(off + cnt + 7) // 8] = _pack(m)
-                before, after = stats["l1"][i], float(acc)
-                f32 = torch.tensor(before, dtype=dt) / torch.tensor(after, dtype=dt)
-                scale[i] = 1.0 if before < 1e-7 or after < 1e-7 else float(f32)
+        for i in (i for i, r in enumerate(self._rescaled(group)) if r):  # pass 1: the masked L1 norms (the masks
+            packed[i] = torch.empty((n + 7) // 8, dtype=torch.uint8, device=dev)  # kept, bit-packed)
+            acc = torch.zeros((), dtype=torch.float64, device=dev)
+            for off, cnt in _spans(n):
+                m = keep(i, off, cnt)
+                acc += (_tv(es[i][off:off + cnt], b[off:off + cnt], dt).abs_() * m).sum(dtype=torch.float64)
+                packed[i][off // 8:(off + cnt + 7) // 8] = _pack(m)
+            l1s[i] = float(acc)
+        scale, weights, normalize = self._numbers(group, stats, l1s, dt)
         total = sum(weights)
         lin_div = 1.0 if abs(total) < 1e-8 else total
         for off, cnt in _spans(n):  # pass 2: generalized task arithmetic
@@ -234,7 +357,35 @@ class DellaLinear(Della):
 
 # SCE -------------------------------------------------------------------------------------------------------
 
-class SCE(TensorMethod):
+def _sce_square(b: Tensor, es: list[Tensor], rank: Tensor, top: Tensor) -> Tensor:
+    """One chunk's masked task vectors' sums of squares (experts,), in float64 (any summation order gives the
+    same float32 weights)."""
+    dt = torch.float64 if b.dtype == torch.float64 else torch.float32
+    bc, m = b.to(dt), rank < top
+    return torch.stack([((e.to(dt) - bc) * m).square().sum(dtype=torch.float64) for e in es])
+
+
+def _sce_chunk(out: Tensor, b: Tensor, es: list[Tensor], rank: Tensor | None, top: Tensor, w: Tensor) -> None:
+    """One chunk of sce's sign election and weighted mean, fused (rank None: every entry kept)."""
+    dt = torch.float64 if b.dtype == torch.float64 else torch.float32
+    bc = b.to(dt)
+    tvs = [e.to(dt) - bc for e in es]
+    if rank is not None:
+        m = rank < top
+        tvs = [t * m for t in tvs]
+    total = tvs[0]
+    for t in tvs[1:]:
+        total = total + t
+    sign = torch.where(total >= 0, 1.0, -1.0).to(dt)
+    num, den = torch.zeros_like(bc), torch.zeros_like(bc)
+    for i, t in enumerate(tvs):
+        ew = (t * sign > 0).to(dt) * w[i]
+        num = num + t * ew
+        den = den + ew
+    out.copy_(bc + num / den.clamp(min=1e-6))
+
+
+class SCE(Compilable):
     """SCE (mergekit's `sce`): the top `select_topk` share of entries by variance across the experts, TIES sign
     election by sum, the experts weighted by their masked task vectors' mean squares (normalized)."""
 
@@ -259,26 +410,57 @@ class SCE(TensorMethod):
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
               seed: int, out: Tensor) -> None:
+        topk = float(group.get("select_topk", [1.0])[0])
+        # the entries kept: rank < top, mergekit's int(count * share) (None: every entry)
+        top = None if topk >= 1 else 0 if topk <= 0 else int(torch.tensor(stats["nonzero"]) * topk)
+        if top == 0:  # every task vector masked out: the base
+            out.view(-1).copy_(base.reshape(-1))
+            return
+        if self.fast():
+            try:
+                return self._merge_compiled(base, experts, stats, top, out)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager passes compute the same
+                self.fallback(e)
+        self._merge_eager(base, experts, stats, top, out)
+
+    @staticmethod
+    def _weights(ms: list[float], dt) -> list[float]:
+        w = torch.tensor(ms, dtype=dt)
+        total = torch.sum(w).item()
+        w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
+        return [float(x) for x in w]
+
+    def _merge_compiled(self, base, experts, stats, top, out) -> None:
         dt, dev, n = work_dtype(base), base.device, base.numel()
         b, es, o = _flat(base), [_flat(e) for e in experts], out.view(-1)
-        topk = float(group.get("select_topk", [1.0])[0])
-        if topk >= 1:
-            top, ms = None, stats["mean_square"]
+        tt = torch.tensor(0 if top is None else top, dtype=torch.int32, device=dev)
+        if top is None:
+            ms = stats["mean_square"]
         else:
-            top = 0 if topk <= 0 else int(torch.tensor(stats["nonzero"]) * topk)  # mergekit's int(count * share)
-            if top == 0:  # every task vector masked out: the base
-                o.copy_(b)
-                return
+            acc, square = torch.zeros(len(es), dtype=torch.float64, device=dev), compiled(_sce_square)
+            for off, cnt in _spans(n):  # the masked task vectors' mean squares
+                acc += square(b[off:off + cnt], [e[off:off + cnt] for e in es], _chunk(stats["rank"], off, cnt, dev),
+                              tt)
+            ms = [s / n for s in acc.tolist()]
+        w = torch.tensor(self._weights(ms, dt), dtype=dt, device=dev)
+        chunk = compiled(_sce_chunk)
+        for off, cnt in _spans(n):
+            chunk(o[off:off + cnt], b[off:off + cnt], [e[off:off + cnt] for e in es],
+                  None if top is None else _chunk(stats["rank"], off, cnt, dev), tt, w)
+
+    def _merge_eager(self, base, experts, stats, top, out) -> None:
+        dt, dev, n = work_dtype(base), base.device, base.numel()
+        b, es, o = _flat(base), [_flat(e) for e in experts], out.view(-1)
+        if top is None:
+            ms = stats["mean_square"]
+        else:
             acc = torch.zeros(len(es), dtype=torch.float64, device=dev)
             for off, cnt in _spans(n):  # the masked task vectors' mean squares
                 m = _chunk(stats["rank"], off, cnt, dev) < top
                 for i, e in enumerate(es):
-                    acc[i] += (_tv(e[off:off + cnt], b[off:off + cnt], dt) * m).square_().sum(dtype=dt)
+                    acc[i] += (_tv(e[off:off + cnt], b[off:off + cnt], dt) * m).square_().sum(dtype=torch.float64)
             ms = [s / n for s in acc.tolist()]
-        w = torch.tensor(ms, dtype=dt)
-        total = torch.sum(w).item()
-        w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
-        weights = [float(x) for x in w]
+        weights = self._weights(ms, dt)
         for off, cnt in _spans(n):
             bc = b[off:off + cnt].to(dt)
             tvs = [e[off:off + cnt].to(dt) - bc for e in es]
@@ -289,7 +471,7 @@ class SCE(TensorMethod):
             num, den = torch.zeros_like(bc), torch.zeros_like(bc)
             for t, wi in zip(tvs, weights):
                 ew = (t * sign > 0).to(dt).mul_(wi)
-                num.addcmul_(t, ew)
+                num.add_(t * ew)  # not addcmul_ (which may fuse the multiply-add): the compiled pass's rounding
                 den.add_(ew)
             o[off:off + cnt].copy_(bc + num / den.clamp(min=1e-6))
 

@@ -202,3 +202,53 @@ def test_inputs_untouched_and_bfloat16_is_computed_in_float32(name, chunks):
     assert got.dtype == torch.bfloat16 and all(torch.equal(a, b) for a, b in zip(before, (base, *experts)))
     want = ours(name, base.float(), [e.float() for e in experts], seed=5, **group)
     assert torch.equal(got, want.bfloat16())
+
+
+# the compiled chunk arithmetic ---------------------------------------------------------------------------------
+
+def test_compiled_passes_equal_the_eager_passes(monkeypatch):
+    """della, della_linear and sce compiled (one fused pass per chunk) give the eager passes' tensors, to the bit,
+    whole and in chunks (masks unmasked / dropped experts, rescale on and off, every top-k regime)."""
+    pytest.importorskip("torch._inductor")
+    della = [dict(weight=[0.7, -0.4, 1.3], density=[0.5, 0.3, 1.0], epsilon=[0.2, 0.1, 0.05]),
+             dict(weight=[0.7, 0.4, 0.3], density=[0.5, 0.0, 0.8], epsilon=[0.2, 0.1, 0.05])]
+    cases = [("della", {"rescale": True}, della), ("della_linear", {"rescale": False}, della),
+             ("sce", {}, [dict(select_topk=[t]) for t in (1.0, 0.6, 0.1, 0.0)])]
+    for chunk in (ops_taskvec.CHUNK, 64):
+        monkeypatch.setattr(ops_taskvec, "CHUNK", chunk)
+        for shape in ((48, 40), (300,)):
+            base, experts = family(shape, 3)
+            for name, options, groups in cases:
+                impl = ops_taskvec.TASKVEC[name](options, 3)
+                stats = impl.prepare("t", base, experts)
+                for group in groups:
+                    a, b = torch.empty_like(base), torch.empty_like(base)
+                    impl.compiled = False
+                    impl.merge("t", base, experts, group, stats, 7, a)
+                    impl.compiled = True
+                    impl.merge("t", base, experts, group, stats, 7, b)
+                    assert torch.equal(a, b), (chunk, shape, name, group)
+    assert not ops_taskvec._FAILED
+
+
+def test_a_pass_that_fails_to_compile_falls_back_to_eager(monkeypatch, capsys):
+    def broken(fn):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler\nmore")
+        return run
+
+    monkeypatch.setattr(ops_taskvec, "compiled", broken)
+    monkeypatch.setattr(ops_taskvec, "_FAILED", [])
+    base, experts = family((32, 16), 2)
+    group = dict(weight=[0.5, 0.8], density=[0.4, 0.6], epsilon=[0.1, 0.1])
+    impl = ops_taskvec.Della({"rescale": True}, 2)
+    impl.compiled = True
+    stats = impl.prepare("t", base, experts)
+    a, b = torch.empty_like(base), torch.empty_like(base)
+    impl.merge("t", base, experts, group, stats, 3, a)
+    impl.merge("t", base, experts, group, stats, 3, a)  # said once
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compiling the merge's chunk arithmetic failed (RuntimeError: no C++" in err
+    impl.compiled = False
+    impl.merge("t", base, experts, group, stats, 3, b)
+    assert torch.equal(a, b)
