@@ -291,17 +291,48 @@ class ModelStock(TensorMethod):
         _store((t * average + (1 - t) * w0).reshape(out.shape), out)
 
 
+_COMPILED: dict[str, Any] = {}
+_FAILED: list[str] = []  # the first compile failure of the process (then every merge is eager)
+
+
+def _nearswap(out: Tensor, base: Tensor, expert: Tensor, t: Tensor) -> None:
+    """nearswap in mergekit's operations (t / x is reciprocal(x) x t): the eager pass, and the fused one
+    when compiled."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.to(dtype), expert.to(dtype)
+    weight = (torch.reciprocal((a - b).abs().clamp(min=1e-6)) * t).clamp(min=0, max=1)
+    out.copy_(weight * b + (1 - weight) * a)
+
+
 class NearSwap(TensorMethod):
     """mergekit's nearswap: base + min(1, t / |expert - base|) x (expert - base) as mergekit writes it
-    (weight x expert + (1 - weight) x base, |difference| clamped at 1e-6)."""
+    (weight x expert + (1 - weight) x base, |difference| clamped at 1e-6). `compiled` (set by the runtime
+    where compiling pays, as for the slice kernels): one fused pass (torch.compile), the eager pass's bits; if
+    compiling fails the first merge says so once and every merge of the process is eager."""
+
+    compiled = False
 
     def merge(self, name: str, base: Tensor, experts: Sequence[Tensor], group: dict[str, list[float]], stats: Any,
               seed: int, out: Tensor) -> None:
         if len(experts) != 1:
             raise ValueError(f"nearswap merges the base with exactly 1 expert, got {len(experts)} (tensor {name})")
+        t = float(group["t"][0])
+        if self.compiled and not _FAILED:
+            try:
+                if "nearswap" not in _COMPILED:
+                    _COMPILED["nearswap"] = torch.compile(_nearswap, dynamic=True)
+                tt = torch.tensor(t, dtype=work_dtype(base), device=base.device)
+                _COMPILED["nearswap"](out, base, experts[0], tt)
+                return
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager pass computes the same
+                import sys
+
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                _FAILED.append(first)
+                print(f"warning: NearSwap: compiling the merge failed ({type(e).__name__}: {first}); merging "
+                      f"eagerly", file=sys.stderr)
         dtype = work_dtype(base)
         a, b = base.to(dtype), experts[0].to(dtype)
-        t = float(group["t"][0])
         # mergekit's operations (t / x is reciprocal(x) x t), in place: the same float32 results
         weight = torch.sub(a, b).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(min=0, max=1)
         result = torch.mul(weight, b)

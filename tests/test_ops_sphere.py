@@ -229,3 +229,23 @@ def test_hf_space_materializes_merge_tensor(family, method, k, options):
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
         checked += 1
     assert checked == len(base)
+
+
+def test_nearswap_compiled_equals_eager():
+    """nearswap compiled (one fused pass) gives the eager pass's tensors, to the bit (float32 and bfloat16)."""
+    pytest.importorskip("torch._inductor")
+    from evomerge import ops_sphere
+
+    g = torch.Generator().manual_seed(0)
+    for shape, dtype in (((48, 40), torch.float32), ((300,), torch.bfloat16)):
+        base = torch.randn(shape, generator=g).to(dtype)
+        expert = (base.float() + 0.01 * torch.randn(shape, generator=g)).to(dtype)
+        impl = ops_sphere.NearSwap({}, 1)
+        for t in (0.001, 0.5):
+            a, b = torch.empty_like(base), torch.empty_like(base)
+            impl.compiled = False
+            impl.merge("t", base, [expert], {"t": [t]}, None, 0, a)
+            impl.compiled = True
+            impl.merge("t", base, [expert], {"t": [t]}, None, 0, b)
+            assert torch.equal(a, b), (shape, dtype, t)
+    assert not ops_sphere._FAILED
