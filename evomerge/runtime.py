@@ -141,7 +141,10 @@ class MergeRuntime(ResidentModel):
             from .tensormerge import TensorMerger
 
             impl = IMPLEMENTATIONS[method](space.options, len(labels), cfg.normalize)
+            impl.compiled = compiled  # the methods with a fused chunk pass (della, sce, nearswap) compile it
             self.merger = TensorMerger(impl, {n: tuple(self.targets[n].shape) for n in self.floats})
+            if compiled:  # compile and prepare the statistics now, not inside the first candidate's merge_s
+                self.materialize(space.decode(space.seeds()[0]))
             self.last_transfer_s = None
             return
         self.merger = Merger(spec_for(method, 1 if slerp else len(labels), cfg.normalize), self.device, tables,

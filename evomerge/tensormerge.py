@@ -30,6 +30,8 @@ class TensorMethod:
     (float64 for float64 inputs), as mergekit computes on float32 checkpoints.
     """
 
+    compiled = False  # set by the runtime when it compiles (runtime.auto_compiled): a method may fuse its passes
+
     def __init__(self, options: dict[str, Any], experts: int, normalize: bool | None = None):
         self.options, self.n, self.normalize = dict(options), experts, normalize
 

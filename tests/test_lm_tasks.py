@@ -64,7 +64,7 @@ class Bigram(torch.nn.Module):
 
 def test_registered_with_fields_described():
     assert FITNESSES["lm_tasks"] == (LMTasksFitnessConfig, LMTasksFitness)
-    assert LMTasksFitness.spaces == ("hf_merge", "hf_mixture")
+    assert LMTasksFitness.spaces == ("hf_merge", "hf_mixture", "hf_layers")
     for cls in (LMTasksFitnessConfig, LMTasksFitnessConfig.model_fields["tasks"].annotation.__args__[0]):
         for name, f in cls.model_fields.items():
             assert name == "name" or f.description, (cls.__name__, name)
