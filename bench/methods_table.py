@@ -36,6 +36,10 @@ import merge_parity as mp
 from common import ROOT, write_results
 
 sys.path.insert(0, str(ROOT))
+# one process times every method, and each compiles its own kernels (a worker of a real run compiles one method's
+# kernel): dynamo's recompile limit per function (8) would otherwise send the later methods to eager
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.accumulated_recompile_limit = 4096
 sys.path.insert(0, str(ROOT / "tests"))
 
 from evomerge.methods import METHODS  # noqa: E402
