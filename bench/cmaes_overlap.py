@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, run_py, write_results
+from common import ROOT, run_summary, write_results
 from long_runs import config
 
 sys.path.insert(0, str(ROOT))
@@ -40,20 +40,14 @@ KEYS = ("worker_utilization", "evals_per_second", "search_seconds", "evaluations
 
 
 def one(*args: str) -> dict:
-    out = Path(args[args.index("--out") + 1])
-    t = time.perf_counter()
-    r = run_py(*args, "--no-progress", check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"run.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    s = json.loads((out / "summary.json").read_text())
+    s, holdout, wall = run_summary(*args)
     best = s["best"]
-    holdout = {k: v for k, v in (best.get("holdout") or {}).items() if isinstance(v, (int, float))}
     accuracies = [v for k, v in holdout.items() if k.endswith("_accuracy")]
     if accuracies:
         holdout["mean_accuracy"] = statistics.fmean(accuracies)  # the tasks' held-out accuracies, unweighted
     return {"best_fitness": best["fitness"], "best_eval_id": best["eval_id"], "holdout": holdout,
             "overlap": s["strategy"].get("overlap"), "generations": s["strategy"].get("generations"),
-            "wall_seconds": round(time.perf_counter() - t, 1), **{k: s[k] for k in KEYS}}
+            "wall_seconds": wall, **{k: s[k] for k in KEYS}}
 
 
 def synthetic(tmp: Path, seeds: list[int]) -> dict:

@@ -26,3 +26,18 @@ def write_results(path: str | Path, data: dict, merge: bool = False) -> Path:
         data = {**json.loads(path.read_text()), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def run_summary(*args: str) -> tuple[dict, dict, float]:
+    """`run.py` with `args` (an `--out DIR` among them; progress off), then (its summary.json, the best's numeric
+    held-out metrics, the command's wall seconds); a failed run exits the bench naming the command."""
+    import time
+
+    out = Path(args[args.index("--out") + 1])
+    t = time.perf_counter()
+    r = run_py(*args, "--no-progress", check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"run.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    s = json.loads((out / "summary.json").read_text())
+    holdout = {k: v for k, v in (s["best"].get("holdout") or {}).items() if isinstance(v, (int, float))}
+    return s, holdout, round(time.perf_counter() - t, 1)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, run_py, write_results
+from common import ROOT, run_summary, write_results
 
 CONFIGS = ROOT / "configs"
 RESULTS = ROOT / "bench" / "results" / "dfs.json"
@@ -34,18 +34,13 @@ def one(config: Path, out: Path, seed: int, evals: int, *sets: str) -> dict:
     args = ["--config", str(config), "--out", str(out), "--set", f"seed={seed}", "--set", f"budget.max_evals={evals}"]
     for s in sets:
         args += ["--set", s]
-    t = time.perf_counter()
-    r = run_py(*args, "--no-progress", check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"run.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    s = json.loads((out / "summary.json").read_text())
+    s, holdout, wall = run_summary(*args)
     best = s["best"]
-    holdout = {k: v for k, v in (best.get("holdout") or {}).items() if isinstance(v, (int, float))}
     accs = [v for k, v in holdout.items() if k.endswith("_test_accuracy")]
     recipe = json.loads((out / "best" / "recipe.json").read_text())
     row = {"evaluations": s["evaluations"], "best_fitness": best["fitness"], "best_eval_id": best["eval_id"],
            "holdout": holdout, "holdout_mean_accuracy": statistics.fmean(accs) if accs else None,
-           "wall_seconds": round(time.perf_counter() - t, 1)}
+           "wall_seconds": wall}
     if recipe.get("method") == "layers":
         row["path"] = " ".join(f"{p['model']}.{p['layer']}" + (f"x{p['scale']:.2f}" if "scale" in p else "")
                                for p in recipe["path"])

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, run_py, write_results
+from common import ROOT, run_summary, write_results
 
 sys.path.insert(0, str(ROOT))
 CONFIGS = {"cmaes_weighted_sum": "tinylm_ties_cmaes.yaml", "nsga2": "tinylm_nsga2.yaml"}
@@ -45,21 +45,17 @@ def one(variant: str, seed: int, out: Path, max_evals: int | None) -> dict:
     args = ["--config", str(ROOT / "configs" / CONFIGS[variant]), "--out", str(out), "--set", f"seed={seed}"]
     if max_evals is not None:
         args += ["--set", f"budget.max_evals={max_evals}"]
-    t = time.perf_counter()
-    r = run_py(*args, "--no-progress", check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"run.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    s = json.loads((out / "summary.json").read_text())
+    s, holdout, wall = run_summary(*args)
     front = s["pareto_front"]
     names = front["objectives"]
     points = [[m["objectives"][k] for k in names] for m in front["members"]]
-    holdout = {k: v for k, v in (s["best"].get("holdout") or {}).items() if k.endswith("_accuracy")}
+    holdout = {k: v for k, v in holdout.items() if k.endswith("_accuracy")}
     return {"hypervolume": round(hypervolume(points), 6), "front_size": len(points),
             "front_best_per_objective": {k: max(p[i] for p in points) for i, k in enumerate(names)},
             "best_fitness": s["best"]["fitness"],
             "best_holdout_mean_accuracy": round(statistics.fmean(holdout.values()), 6) if holdout else None,
             "evaluations": s["evaluations"], "failed": s["failed"], "worker_utilization": s["worker_utilization"],
-            "search_seconds": s["search_seconds"], "wall_seconds": round(time.perf_counter() - t, 1),
+            "search_seconds": s["search_seconds"], "wall_seconds": wall,
             "strategy": s["strategy"]}
 
 
