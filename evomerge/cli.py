@@ -225,8 +225,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             _check_memory(cfg)
         from .engine import search  # torch, Ray: only once the config and the run directory are known good
 
-        summary = search(cfg, run, resume=bool(args.resume), config_changed=bool(args.resume and args.set),
-                         progress=not args.no_progress, t_start=t_start, on_start=_stop_on_signals)
+        with _deferred_signals() as early:
+            summary = search(cfg, run, resume=bool(args.resume), config_changed=bool(args.resume and args.set),
+                             progress=not args.no_progress, t_start=t_start,
+                             on_start=lambda engine: _stop_on_signals(engine, early))
     finally:
         run.close()
 
@@ -272,11 +274,39 @@ def _report_end(summary: dict, cfg, out: Path) -> int:
     return 0
 
 
-class _stop_on_signals:
-    """Ctrl-C or SIGTERM: stop dispatching, checkpoint and shut down cleanly; a second one aborts."""
+class _deferred_signals:
+    """Ctrl-C or SIGTERM during start-up (Ray, the workers): remembered rather than raised inside Ray's start-up,
+    and acted on as soon as the engine runs (it stops at once, with a checkpoint); a second one aborts."""
 
-    def __init__(self, engine):
+    pending = False
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        print("\nstopping once the workers are up (press Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+class _stop_on_signals:
+    """Ctrl-C or SIGTERM: stop dispatching, checkpoint and shut down cleanly; a second one aborts. `early`: a
+    signal that came during start-up (`_deferred_signals`), acted on now."""
+
+    def __init__(self, engine, early: _deferred_signals | None = None):
         self.engine = engine
+        if early is not None and early.pending:
+            engine.stop_requested = "interrupted"
 
     def _handle(self, signum, frame):
         if self.engine.stop_requested:
