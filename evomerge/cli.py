@@ -274,17 +274,11 @@ def _report_end(summary: dict, cfg, out: Path) -> int:
     return 0
 
 
-class _deferred_signals:
-    """Ctrl-C or SIGTERM during start-up (Ray, the workers): remembered rather than raised inside Ray's start-up,
-    and acted on as soon as the engine runs (it stops at once, with a checkpoint); a second one aborts."""
-
-    pending = False
+class _on_signals:
+    """Ctrl-C and SIGTERM go to `_handle` while the context is held; the previous handlers come back after."""
 
     def _handle(self, signum, frame):
-        if self.pending:
-            raise KeyboardInterrupt
-        self.pending = True
-        print("\nstopping once the workers are up (press Ctrl-C again to abort)", file=sys.stderr)
+        raise NotImplementedError
 
     def __enter__(self):
         import signal
@@ -299,7 +293,20 @@ class _deferred_signals:
             signal.signal(s, h)
 
 
-class _stop_on_signals:
+class _deferred_signals(_on_signals):
+    """Ctrl-C or SIGTERM during start-up (Ray, the workers): remembered rather than raised inside Ray's start-up,
+    and acted on as soon as the engine runs (it stops at once, with a checkpoint); a second one aborts."""
+
+    pending = False
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        print("\nstopping once the workers are up (press Ctrl-C again to abort)", file=sys.stderr)
+
+
+class _stop_on_signals(_on_signals):
     """Ctrl-C or SIGTERM: stop dispatching, checkpoint and shut down cleanly; a second one aborts. `early`: a
     signal that came during start-up (`_deferred_signals`), acted on now."""
 
@@ -313,18 +320,6 @@ class _stop_on_signals:
             raise KeyboardInterrupt
         self.engine.stop_requested = "interrupted"
         print("\nstopping: writing a checkpoint (press Ctrl-C again to abort)", file=sys.stderr)
-
-    def __enter__(self):
-        import signal
-
-        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for s, h in self.old.items():
-            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
